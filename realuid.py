@@ -1,0 +1,787 @@
+"""RealUID: Universal Inverse Distillation for matching models with real-data supervision.
+
+Reference implementation of "Universal Inverse Distillation for Matching Models
+with Real-Data Supervision (No GANs)", Kornilov et al., ICLR 2026. A slow
+multi-step flow-matching teacher u* is distilled into a one-step generator
+G_theta; real data enters the distillation through two coefficients alpha,
+beta (eq. 16) instead of a GAN discriminator.
+
+    python realuid.py                                   # embedded 2D default, CPU, minutes
+    python realuid.py --dataset cifar10 --alpha 0.92 --beta 0.94 --teacher cfm.pt
+
+Time convention (torchcfm's, the REVERSE of the paper's main text):
+t = 0 is noise, t = 1 is data, x_t = (1 - t) x0 + t x1, target x1 - x0.
+
+Symbols and code:
+    x0            noise ~ N(0, I)              x1      data (real or generated)
+    t             time ~ U[0, 1]               x_t     FlowMatching.path(x0, x1, t)
+    u_t(x_t|x1)   FlowMatching.target          u*      the frozen teacher field
+    u_psi         the fake field ("fake")      G_theta OneStepGenerator: z + g(0, z)
+    alpha, beta   RealUM coefficients (eq. 16) K       fake updates per generator update
+
+Measured (README has the details): the default run, 2 CPU cores, ends with the
+one-step generator's W2 to held-out data printed beside the teacher's.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VERSION = 1
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, never as a traceback."""
+
+
+# =============================================================================
+# Config: defaults are the paper's CIFAR-10 recipe (Appendix D)
+# =============================================================================
+
+def opt(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class Config:
+    dataset: str = opt("8gaussians", "8gaussians (built-in 2D), PATH.npy (N x D float array)")
+    cond: bool = opt(False, "class-conditional generator, teacher and fake model")
+    alpha: float = opt(0.92, "RealUM weight of generated data, in (0, 1] (eq. 16)")
+    beta: float = opt(0.94, "RealUM weight of the generated target, in (0, 1] (eq. 16)")
+    K: int = opt(5, "fake-model updates per generator update")
+    lr: float = opt(3e-5, "Adam learning rate of both networks")
+    batch_size: int = opt(256, "batch size (generated and real halves each)")
+    steps: int = opt(500_000, "gradient updates in all, fake and generator (K:1)")
+    warmup: int = opt(500, "linear learning-rate warm-up, in updates")
+    ema: tuple = opt((0.999, 0.9996, 0.9999), "EMA decays of the generator", nargs="+")
+    grad_clip: float = opt(1.0, "gradient-norm clipping of both networks")
+    teacher: str = opt("", "teacher checkpoint (teacher.py); low-dim data: trained on the spot if empty")
+    fake_init: str = opt("random", "initialise the fake model randomly or from the teacher",
+                         choices=("random", "teacher"))
+    out: str = opt("", "output folder (default runs/<dataset>)")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    seed: int = opt(0, "seed of everything random")
+    log_every: int = opt(100, "updates between progress-bar and metrics-log lines")
+    save_every: int = opt(5000, "updates between checkpoints")
+    hidden: int = opt(256, "MLP width (low-dimensional data)")
+    teacher_steps: int = opt(5000, "updates of the on-the-spot teacher (low-dim data, no --teacher)")
+    eval_samples: int = opt(2000, "held-out points for the final metrics (low-dim data)")
+
+
+# For low-dimensional data the CIFAR recipe would take days to move a 2D point
+# cloud; these finish in minutes on a laptop CPU. A flag the user gives wins.
+LOWDIM_RECIPE = dict(lr=1e-3, batch_size=512, steps=6000, warmup=100, ema=(0.99, 0.995, 0.999),
+                     log_every=50, save_every=2000)
+
+
+def check_coefficients(alpha, beta):
+    """RealUM needs alpha, beta in (0, 1]; at alpha = 1 the real term vanishes, so beta = 1."""
+    ok = 0 < alpha <= 1 and 0 < beta <= 1 and (alpha < 1 or beta == 1)
+    if not ok:
+        raise UsageError(f"alpha and beta must lie in (0, 1], and alpha = 1 is allowed only with "
+                         f"beta = 1 (got alpha={alpha}, beta={beta})")
+
+
+def check_config(cfg):
+    check_coefficients(cfg.alpha, cfg.beta)
+    for name in ("K", "batch_size", "steps", "log_every", "save_every", "hidden"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer "
+                             f"(got {getattr(cfg, name)})")
+    if cfg.lr <= 0 or cfg.warmup < 0 or cfg.grad_clip <= 0:
+        raise UsageError("--lr and --grad-clip must be positive and --warmup non-negative")
+    if not cfg.ema or not all(0 < d < 1 for d in cfg.ema):
+        raise UsageError(f"every --ema decay must lie in (0, 1) (got {list(cfg.ema)})")
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but this PyTorch sees no CUDA device")
+    return device
+
+
+# =============================================================================
+# Networks: the torchcfm UNet (state-dict compatible) and an MLP for 2D/ND data
+# Both follow torchcfm's contract  forward(t, x, y=None) -> field, shaped like x.
+# =============================================================================
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal features of t as in torchcfm / guided-diffusion (t fed unscaled)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                           device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def zero_init(module):
+    # Residual branches start as the identity, as in torchcfm.
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels, emb_channels, out_channels, dropout):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = (nn.Identity() if out_channels == channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None].to(x.dtype)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(32, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_init(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))
+        # torchcfm's "legacy" order: split heads first, then q, k, v inside each head.
+        q, k, v = qkv.reshape(b, self.num_heads, 3 * c // self.num_heads, -1).transpose(-1, -2).chunk(3, -1)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, -1)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class EmbedSequential(nn.Sequential):
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """torchcfm's UNetModelWrapper, same parameter names and shapes (tested against it).
+
+    attention_resolutions are feature-map sizes (torchcfm's "16"); a head width
+    num_head_channels > 0 overrides num_heads, as in torchcfm.
+    """
+
+    def __init__(self, in_channels=3, image_size=32, channels=128, channel_mult=(1, 2, 2, 2),
+                 num_res_blocks=2, attention_resolutions=(16,), num_heads=4, num_head_channels=64,
+                 dropout=0.0, num_classes=None):
+        super().__init__()
+        self.channels, self.num_classes = channels, num_classes
+        emb = 4 * channels
+        attention_ds = {image_size // r for r in attention_resolutions}
+
+        def attention(ch):
+            heads = ch // num_head_channels if num_head_channels > 0 else num_heads
+            return AttentionBlock(ch, heads)
+
+        self.time_embed = nn.Sequential(nn.Linear(channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb)
+        ch = input_ch = int(channel_mult[0] * channels)
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_chans, ds = [ch], 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, emb, int(mult * channels), dropout)]
+                ch = int(mult * channels)
+                if ds in attention_ds:
+                    layers.append(attention(ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(EmbedSequential(Downsample(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+        self.middle_block = EmbedSequential(ResBlock(ch, emb, ch, dropout), attention(ch),
+                                            ResBlock(ch, emb, ch, dropout))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), emb, int(mult * channels), dropout)]
+                ch = int(mult * channels)
+                if ds in attention_ds:
+                    layers.append(attention(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(),
+                                 zero_init(nn.Conv2d(input_ch, in_channels, 3, padding=1)))
+
+    def forward(self, t, x, y=None):
+        if (y is None) != (self.num_classes is None):
+            raise ValueError("pass labels y if and only if the network is class-conditional")
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        emb = self.time_embed(timestep_embedding(t, self.channels))
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+class MLPField(nn.Module):
+    """A time- (and optionally label-) conditioned MLP field for low-dimensional data."""
+
+    def __init__(self, dim=2, hidden=256, depth=4, num_classes=None, time_features=16):
+        super().__init__()
+        self.num_classes, self.time_features = num_classes, time_features
+        self.inp = nn.Linear(dim + time_features, hidden)
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, hidden)
+        self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, t, x, y=None):
+        if (y is None) != (self.num_classes is None):
+            raise ValueError("pass labels y if and only if the network is class-conditional")
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        h = self.inp(torch.cat([x, timestep_embedding(t * 1000, self.time_features).to(x.dtype)], 1))
+        if y is not None:
+            h = h + self.label_emb(y)
+        for layer in self.hidden:
+            h = layer(F.silu(h))
+        return self.out(F.silu(h))
+
+
+def build_field(spec):
+    """A network from its plain-dict spec, as stored in every checkpoint."""
+    spec = dict(spec)
+    kind = spec.pop("type")
+    if kind == "unet":
+        return UNet(**spec)
+    if kind == "mlp":
+        return MLPField(**spec)
+    raise UsageError(f"unknown network type {kind!r} in checkpoint")
+
+
+def count_parameters(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+# =============================================================================
+# Matching model: conditional flow matching (eq. 2), torchcfm time convention
+# =============================================================================
+
+def pad_like(t, x):
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class FlowMatching:
+    """x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I); conditional target u_t(x_t | x1, x0) = x1 - x0."""
+
+    def sample_t(self, n, device):
+        return torch.rand(n, device=device)
+
+    def path(self, x0, x1, t):
+        t = pad_like(t, x1)
+        return (1 - t) * x0 + t * x1
+
+    def target(self, x0, x1, t):
+        return x1 - x0
+
+    @torch.no_grad()
+    def sample(self, field, x0, steps, y=None):
+        """Euler integration of dx/dt = field(t, x) from t = 0 (noise) to t = 1 (data)."""
+        x, dt = x0, 1.0 / steps
+        for i in range(steps):
+            t = torch.full((x.shape[0],), i * dt, device=x.device, dtype=x.dtype)
+            x = x + dt * field(t, x, y)
+        return x
+
+
+# =============================================================================
+# Losses: pure functions of tensors, each returns the UNREDUCED per-sample loss
+# =============================================================================
+
+def sqnorm(v):
+    return v.flatten(1).square().sum(1)
+
+
+def inner(a, b):
+    return (a * b).flatten(1).sum(1)
+
+
+def um_loss(f, u_cond):
+    # eq. 3 (CFM eq. 2): || f_t(x_t) - u_t(x_t | x1) ||^2
+    return sqnorm(f - u_cond)
+
+
+def realum_loss(f_gen, u_gen, f_real, u_real, alpha, beta):
+    # eq. 16: a ||f(x_gen) - (b/a) u(.|x_gen)||^2 + (1-a) ||f(x_real) - ((1-b)/(1-a)) u(.|x_real)||^2
+    loss = alpha * sqnorm(f_gen - (beta / alpha) * u_gen)
+    if alpha < 1:  # at alpha = 1 (then beta = 1) the real term has weight zero
+        loss = loss + (1 - alpha) * sqnorm(f_real - ((1 - beta) / (1 - alpha)) * u_real)
+    return loss
+
+
+def realuid_generator_loss(f_star, f, u_gen, alpha, beta):
+    # Algorithm 1 line 8: the theta-dependent part of L_RUM(u*) - L_RUM(u_psi), eq. 17
+    c = beta / alpha
+    return alpha * (sqnorm(f_star - c * u_gen) - sqnorm(f - c * u_gen))
+
+
+def realuid_split_loss(f_star_gen, f_gen, u_gen, f_star_real, f_real, u_real, alpha, beta):
+    # Lemma 3: L_RUID linearised in delta = f* - f
+    d_gen, d_real = f_star_gen - f_gen, f_star_real - f_real
+    gen = -alpha * sqnorm(d_gen) + 2 * alpha * inner(d_gen, f_star_gen) - 2 * beta * inner(d_gen, u_gen)
+    real = (-(1 - alpha) * sqnorm(d_real) + 2 * (1 - alpha) * inner(d_real, f_star_real)
+            - 2 * (1 - beta) * inner(d_real, u_real))
+    return gen + real
+
+
+def fgm_generator_loss(f_star, f, u_gen):
+    # eq. 7 (FGM): ||u* - u||^2 + 2 <u* - u, u - u_t(x_t | x_gen)>, u with frozen parameters
+    d = f_star - f
+    return sqnorm(d) + 2 * inner(d, f - u_gen)
+
+
+def sid_generator_loss(f_star, f, u_gen, alpha_sid=1.2):
+    # eq. 5 / 33 (SiD): -2 alpha_SiD ||d||^2 + 2 <d, u* - u_t(x_t | x_gen)>, d = u* - u
+    d = f_star - f
+    return -2 * alpha_sid * sqnorm(d) + 2 * inner(d, f_star - u_gen)
+
+
+# =============================================================================
+# The generator, EMA and the alternating loop (Algorithm 1, Appendix B)
+# =============================================================================
+
+class OneStepGenerator(nn.Module):
+    """G_theta(z) = z + g_theta(0, z[, y]): one Euler step of a field from noise to data."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = g
+
+    def forward(self, z, y=None):
+        return z + self.g(torch.zeros(z.shape[0], device=z.device, dtype=z.dtype), z, y)
+
+
+@torch.no_grad()
+def ema_update(ema_net, net, decay):
+    ema_params = list(ema_net.parameters())
+    torch._foreach_lerp_(ema_params, list(net.parameters()), 1 - decay)
+
+
+def warmup_schedule(warmup):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+class RealUID:
+    """Teacher u*, fake field u_psi, generator G_theta, their optimisers and EMAs."""
+
+    def __init__(self, cfg, teacher, fake, g, matching=None):
+        check_coefficients(cfg.alpha, cfg.beta)
+        self.cfg, self.matching = cfg, matching or FlowMatching()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.fake = fake.train()
+        self.generator = OneStepGenerator(g).train()
+        self.ema = {d: copy.deepcopy(g).eval().requires_grad_(False) for d in cfg.ema}
+        adam = dict(lr=cfg.lr, betas=(0.0, 0.999))  # beta1 = 0 is crucial for the min-max (App. D)
+        self.opt_fake = torch.optim.Adam(self.fake.parameters(), **adam)
+        self.opt_gen = torch.optim.Adam(self.generator.parameters(), **adam)
+        self.sched_fake = torch.optim.lr_scheduler.LambdaLR(self.opt_fake, warmup_schedule(cfg.warmup))
+        self.sched_gen = torch.optim.lr_scheduler.LambdaLR(self.opt_gen, warmup_schedule(cfg.warmup))
+        self.step = 0
+
+    def _noise_and_time(self, x1):
+        return torch.randn_like(x1), self.matching.sample_t(x1.shape[0], x1.device)
+
+    def fake_step(self, x_real, y=None):
+        """Minimise L_RUM(u_psi, p^theta) over psi on a detached generated batch (Alg. 1 line 6)."""
+        cfg, m = self.cfg, self.matching
+        with torch.no_grad():
+            x_gen = self.generator(torch.randn_like(x_real), y)
+        x0, t = self._noise_and_time(x_real)  # the same x0 and t for both halves, as the official code
+        u_gen, u_real = m.target(x0, x_gen, t), m.target(x0, x_real, t)
+        if cfg.alpha < 1:  # one forward pass over generated and real x_t (GroupNorm is per sample)
+            f = self.fake(torch.cat([t, t]), torch.cat([m.path(x0, x_gen, t), m.path(x0, x_real, t)]),
+                          None if y is None else torch.cat([y, y]))
+            f_gen, f_real = f.chunk(2)
+        else:
+            f_gen, f_real = self.fake(t, m.path(x0, x_gen, t), y), None
+        loss = realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta).mean()
+        self.opt_fake.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip)
+        self.opt_fake.step()
+        self.sched_fake.step()
+        self.step += 1
+        return loss.detach(), grad_norm
+
+    def generator_step(self, y=None, shape=None, device=None):
+        """Minimise L_RUM(u*, p^theta) - L_RUM(u_psi, p^theta) over theta (Alg. 1 line 8)."""
+        cfg, m = self.cfg, self.matching
+        x_gen = self.generator(torch.randn(shape, device=device), y)
+        x0, t = self._noise_and_time(x_gen)
+        x_t, u_gen = m.path(x0, x_gen, t), m.target(x0, x_gen, t)
+        self.fake.requires_grad_(False)  # gradients flow through x_t into G only
+        try:
+            loss = realuid_generator_loss(self.teacher(t, x_t, y), self.fake(t, x_t, y), u_gen,
+                                          cfg.alpha, cfg.beta).mean()
+            self.opt_gen.zero_grad(set_to_none=True)
+            loss.backward()
+        finally:
+            self.fake.requires_grad_(True)
+        grad_norm = nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
+        self.opt_gen.step()
+        self.sched_gen.step()
+        for decay, ema_net in self.ema.items():
+            ema_update(ema_net, self.generator.g, decay)
+        self.step += 1
+        return loss.detach(), grad_norm
+
+    def state_dict(self):
+        return dict(generator=self.generator.g.state_dict(), fake=self.fake.state_dict(),
+                    ema={str(d): net.state_dict() for d, net in self.ema.items()},
+                    opt_gen=self.opt_gen.state_dict(), opt_fake=self.opt_fake.state_dict(),
+                    sched_gen=self.sched_gen.state_dict(), sched_fake=self.sched_fake.state_dict(),
+                    step=self.step)
+
+
+def distill(state, batches, out=None, data_info=None, field_spec=None):
+    """The loop: K fake updates, then one generator update, until cfg.steps updates in all."""
+    from tqdm import tqdm
+    cfg = state.cfg
+    log = open(os.path.join(out, "metrics.jsonl"), "a") if out else None
+    start, last = time.time(), {}
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="RealUID", dynamic_ncols=True,
+               disable=None, mininterval=1.0)
+    try:
+        while state.step < cfg.steps:
+            x_real, y = next(batches)
+            if state.step % (cfg.K + 1) < cfg.K:
+                last["fake_loss"], last["fake_grad"] = state.fake_step(x_real, y)
+            else:
+                last["gen_loss"], last["gen_grad"] = state.generator_step(y, x_real.shape, x_real.device)
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                row = {k: round(float(v), 6) for k, v in last.items()}  # the only host sync
+                bar.set_postfix(fake=row.get("fake_loss"), gen=row.get("gen_loss"), refresh=False)
+                if log:
+                    row.update(step=state.step, lr=state.sched_gen.get_last_lr()[0],
+                               time=round(time.time() - start, 2))
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+            if out and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
+                save_distilled(state, os.path.join(out, "checkpoint.pt"), data_info, field_spec)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    return state
+
+
+# =============================================================================
+# Data and checkpoints
+# =============================================================================
+
+@dataclass
+class Data:
+    """Training data in the networks' coordinates, plus what maps it back."""
+    x: torch.Tensor
+    y: torch.Tensor = None
+    num_classes: int = None
+    kind: str = "lowdim"
+    mean: torch.Tensor = None  # low-dim data is standardised: x_net = (x - mean) / std
+    std: torch.Tensor = None
+    x_test: torch.Tensor = None  # held-out real points, in the original coordinates
+
+    def info(self, name):
+        return dict(name=name, kind=self.kind, shape=list(self.x.shape[1:]), num_classes=self.num_classes,
+                    mean=None if self.mean is None else self.mean.tolist(),
+                    std=None if self.std is None else self.std.tolist())
+
+
+def eight_gaussians(n, seed, radius=4.0, std=0.4):
+    """The built-in 2D data: 8 Gaussians on a circle, labels = mode index."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(8, (n,), generator=g)
+    angle = y.float() * (2 * math.pi / 8)
+    centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    return centres + std * torch.randn(n, 2, generator=g), y
+
+
+def load_npy(path):
+    try:
+        x = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"data file {path} does not exist") from None
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{path} is not a readable .npy array ({e})") from None
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1 or not np.issubdtype(x.dtype, np.number):
+        raise UsageError(f"{path} must hold an N x D array of numbers with N >= 2 "
+                         f"(got shape {x.shape}, dtype {x.dtype})")
+    x = torch.from_numpy(x.astype(np.float32))
+    if not torch.isfinite(x).all():
+        raise UsageError(f"{path} contains NaN or infinite values")
+    return x
+
+
+def standardise(x, y, num_classes, x_test=None):
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    return Data(x=(x - mean) / std, y=y, num_classes=num_classes, mean=mean, std=std,
+                x_test=x_test if x_test is not None else x)
+
+
+def load_data(cfg):
+    """Low-dimensional data for issue #2: the built-in 8 Gaussians or an N x D .npy file."""
+    name = cfg.dataset
+    if name == "8gaussians":
+        x, y = eight_gaussians(20_000, seed=1234)
+        x_test, _ = eight_gaussians(cfg.eval_samples, seed=4321)
+        data = standardise(x, y, 8, x_test)
+    elif name.endswith(".npy"):
+        x = load_npy(name)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+        n_test = min(cfg.eval_samples, len(x) // 5) if len(x) >= 10 else 0
+        data = standardise(x[perm[n_test:]], None, None, x[perm[:n_test]] if n_test else x)
+    else:
+        raise UsageError(f"unknown dataset {name!r}: use 8gaussians or a path to an N x D .npy file")
+    if cfg.cond and data.y is None:
+        raise UsageError(f"--cond needs class labels, and {name} has none")
+    if not cfg.cond:
+        data.y, data.num_classes = None, None
+    return data
+
+
+def check_batch_size(batch_size, data):
+    if batch_size > len(data.x):
+        raise UsageError(f"--batch-size {batch_size} is larger than the data set ({len(data.x)} points)")
+
+
+def batches(data, batch_size, device):
+    """Endless shuffled batches (drop-last epochs) of an in-memory data set, on device."""
+    x = data.x.to(device)
+    y = None if data.y is None else data.y.to(device)
+    while True:
+        perm = torch.randperm(len(x), device=device)
+        for i in range(0, len(x) - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            yield x[idx], None if y is None else y[idx]
+
+
+def default_field_spec(data, cfg):
+    if data.kind == "lowdim":
+        return dict(type="mlp", dim=data.x.shape[1], hidden=cfg.hidden, num_classes=data.num_classes)
+    raise UsageError(f"no default network for data of kind {data.kind}")
+
+
+def config_dict(cfg):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write beside, then rename, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """Checkpoints are plain containers of tensors: loaded with weights_only=True, never unpickled."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{what} {path} could not be read as a weights-only PyTorch file ({first})") from None
+
+
+def load_state(net, state_dict, what):
+    """Strict load with a one-line account of missing / unexpected / mis-shaped keys."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        def few(keys):
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = [f"missing {few(missing)}" if missing else "",
+                 f"unexpected {few(unexpected)}" if unexpected else "",
+                 f"shape mismatch {few(shapes)}" if shapes else ""]
+        raise UsageError(f"{what} does not match the network: " + "; ".join(p for p in parts if p))
+    net.load_state_dict(state_dict, strict=True)
+    return net
+
+
+def pick_weights(ckpt, ema=None):
+    """The field weights of a teacher or distilled checkpoint: the chosen EMA, else the first EMA."""
+    emas = ckpt.get("ema") or {}
+    if ema is not None:
+        key = next((k for k in emas if float(k) == float(ema)), None)
+        if key is None:
+            raise UsageError(f"no EMA {ema} in the checkpoint; it holds {sorted(emas) or 'none'}")
+        return emas[key]
+    if emas:
+        return emas[sorted(emas, key=float)[0]]
+    return ckpt["net"] if "net" in ckpt else ckpt["generator"]
+
+
+def load_field(path, what="teacher", ema=None):
+    """(network, checkpoint) from one of this project's checkpoints."""
+    ckpt = load_checkpoint(path, what)
+    if not isinstance(ckpt, dict) or "field" not in ckpt:
+        raise UsageError(f"{what} {path} is not a realuid checkpoint (no 'field' entry)")
+    net = build_field(ckpt["field"])
+    return load_state(net, pick_weights(ckpt, ema), f"{what} {path}"), ckpt
+
+
+def save_distilled(state, path, data_info, field_spec):
+    save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(state.cfg),
+                         data=data_info, field=field_spec, **state.state_dict()), path)
+
+
+def check_teacher_matches(ckpt, data, path):
+    want = data.info("")
+    have = ckpt.get("data") or {}
+    if have.get("shape") != want["shape"]:
+        raise UsageError(f"teacher {path} was trained on data of shape {have.get('shape')}, "
+                         f"but this data has shape {want['shape']}")
+    if (have.get("num_classes") is None) != (data.num_classes is None):
+        raise UsageError(f"teacher {path} is {'un' if have.get('num_classes') is None else ''}conditional; "
+                         f"{'drop' if data.num_classes is None else 'add'} --cond or use another teacher")
+
+
+# =============================================================================
+# Main: the CLI, generated from Config; parsing happens only here
+# =============================================================================
+
+def parser_from_dataclass(cls, description, fields=None):
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        if fields is not None and f.name not in fields:
+            continue
+        flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        helptext = f"{meta.pop('help', '')} (default: {f.default})"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", help=helptext)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, type=float, help=helptext, **meta)
+        else:
+            p.add_argument(flag, type=type(f.default), help=helptext, **meta)
+    return p
+
+
+def make_config(cls, user, data_kind, recipe):
+    """Dataclass defaults (the paper's recipe) < the recipe for this kind of data < the user's flags."""
+    values = dict(recipe if data_kind == "lowdim" else {})
+    values.update(user)
+    if "ema" in values:
+        values["ema"] = tuple(values["ema"])
+    return cls(**values)
+
+
+def fail(prog, e):
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def prepare_teacher(cfg, data, out, device):
+    """The teacher field: from --teacher, from the output folder's cache, or trained on the spot."""
+    path = cfg.teacher
+    if not path:
+        if data.kind != "lowdim":
+            raise UsageError("image data needs --teacher PATH (train one with teacher.py)")
+        path = os.path.join(out, "teacher.pt")
+        cached = os.path.isfile(path) and load_checkpoint(path).get("data") == data.info(cfg.dataset)
+        if not cached:
+            import teacher as teacher_py
+            tcfg = make_config(teacher_py.TeacherConfig, dict(
+                dataset=cfg.dataset, cond=cfg.cond, steps=cfg.teacher_steps, hidden=cfg.hidden,
+                seed=cfg.seed, eval_samples=cfg.eval_samples), data.kind, teacher_py.TEACHER_LOWDIM_RECIPE)
+            print(f"no --teacher: training one on the spot ({tcfg.steps} updates), cached as {path}")
+            teacher_py.train_teacher(tcfg, data, device, path)
+    net, ckpt = load_field(path, "teacher")
+    check_teacher_matches(ckpt, data, path)
+    return net.to(device), ckpt
+
+
+def main(argv=None):
+    p = parser_from_dataclass(Config, "RealUID distillation of a flow-matching teacher into a one-step "
+                                      "generator (Kornilov et al., ICLR 2026).")
+    user = vars(p.parse_args(argv))
+    try:
+        cfg = Config(**{k: v for k, v in user.items() if k in ("dataset", "cond", "seed", "eval_samples")})
+        data = load_data(cfg)
+        cfg = make_config(Config, user, data.kind, LOWDIM_RECIPE)
+        check_config(cfg)
+        check_batch_size(cfg.batch_size, data)
+        device = resolve_device(cfg.device)
+        out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset))[0])
+        os.makedirs(out, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        teacher, teacher_ckpt = prepare_teacher(cfg, data, out, device)
+        spec = teacher_ckpt["field"]
+        g = copy.deepcopy(teacher).requires_grad_(True)  # G_theta starts as the teacher's one Euler step
+        torch.manual_seed(cfg.seed + 1)
+        fake = copy.deepcopy(teacher).requires_grad_(True) if cfg.fake_init == "teacher" else build_field(spec)
+        state = RealUID(cfg, teacher, fake.to(device), g)
+    except UsageError as e:
+        return fail("realuid.py", e)
+    with open(os.path.join(out, "arguments.json"), "w") as f:
+        json.dump(config_dict(cfg), f, indent=2)
+    print(f"realuid: {cfg.dataset} ({len(data.x)} points), alpha={cfg.alpha} beta={cfg.beta} K={cfg.K}, "
+          f"{cfg.steps} updates on {device}, {count_parameters(g)} generator parameters -> {out}")
+    t0 = time.time()
+    distill(state, batches(data, cfg.batch_size, device), out, data.info(cfg.dataset), spec)
+    print(f"distillation took {time.time() - t0:.0f} s; checkpoint {os.path.join(out, 'checkpoint.pt')}")
+    if data.kind == "lowdim":
+        import eval as eval_py
+        eval_py.report_lowdim(state, data, out, device, cfg.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Train the conditional-flow-matching teacher u* that realuid.py distills.
+
+    python teacher.py                        # the built-in 2D data, a minute on a CPU
+    python teacher.py --dataset data.npy --steps 20000 --out runs/mine
+
+The loss is CFM (eq. 2): || u(t, x_t) - (x1 - x0) ||^2 with x_t = (1 - t) x0 + t x1,
+t = 0 noise, t = 1 data (torchcfm convention). Adam, linear warm-up, gradient
+clipping and an EMA of the weights, as in NOTES.md section 6. The checkpoint
+(format in README) loads into realuid.py with --teacher.
+"""
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from realuid import (VERSION, FlowMatching, UsageError, batches, build_field, check_batch_size,
+                     config_dict, count_parameters, default_field_spec, ema_update, fail, load_data,
+                     make_config, opt, parser_from_dataclass, resolve_device, save_checkpoint,
+                     um_loss, warmup_schedule)
+
+
+@dataclass
+class TeacherConfig:
+    """Defaults: torchcfm's CIFAR-10 teacher recipe (NOTES.md section 6)."""
+    dataset: str = opt("8gaussians", "8gaussians (built-in 2D) or PATH.npy (N x D float array)")
+    cond: bool = opt(False, "class-conditional teacher")
+    lr: float = opt(2e-4, "Adam learning rate")
+    batch_size: int = opt(128, "batch size")
+    steps: int = opt(400_000, "updates")
+    warmup: int = opt(5000, "linear learning-rate warm-up, in updates")
+    ema: tuple = opt((0.9999,), "EMA decays of the weights", nargs="+")
+    grad_clip: float = opt(1.0, "gradient-norm clipping")
+    dropout: float = opt(0.1, "dropout of the UNet (images)")
+    hidden: int = opt(256, "MLP width (low-dimensional data)")
+    out: str = opt("", "output folder (default runs/<dataset>); writes teacher.pt there")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    seed: int = opt(0, "seed")
+    log_every: int = opt(100, "updates between progress-bar updates")
+    eval_samples: int = opt(2000, "held-out points kept aside (low-dim .npy data)")
+
+
+TEACHER_LOWDIM_RECIPE = dict(lr=1e-3, batch_size=512, steps=5000, warmup=100, ema=(0.999,))
+
+
+def train_teacher(cfg, data, device, path):
+    """Fit u(t, x_t[, y]) to x1 - x0 (eq. 2); write the checkpoint to path and return the net."""
+    from tqdm import tqdm
+    torch.manual_seed(cfg.seed)
+    spec = default_field_spec(data, cfg)
+    net = build_field(spec).to(device).train()
+    ema = {d: copy.deepcopy(net).eval().requires_grad_(False) for d in cfg.ema}
+    optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_schedule(cfg.warmup))
+    fm, source = FlowMatching(), batches(data, cfg.batch_size, device)
+    bar = tqdm(range(cfg.steps), desc="teacher", dynamic_ncols=True, disable=None, mininterval=1.0)
+    for step in bar:
+        x1, y = next(source)
+        x0, t = torch.randn_like(x1), fm.sample_t(x1.shape[0], device)
+        loss = um_loss(net(t, fm.path(x0, x1, t), y), fm.target(x0, x1, t)).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        optimiser.step()
+        sched.step()
+        for decay, ema_net in ema.items():
+            ema_update(ema_net, net, decay)
+        if (step + 1) % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    save_checkpoint(dict(version=VERSION, kind="teacher", config=config_dict(cfg),
+                         data=data.info(cfg.dataset), field=spec, net=net.state_dict(),
+                         ema={str(d): m.state_dict() for d, m in ema.items()}), path)
+    return net
+
+
+def main(argv=None):
+    p = parser_from_dataclass(TeacherConfig, "Train a conditional-flow-matching teacher for realuid.py.")
+    user = vars(p.parse_args(argv))
+    try:
+        cfg = TeacherConfig(**{k: v for k, v in user.items() if k in ("dataset", "cond", "seed", "eval_samples")})
+        data = load_data(cfg)
+        cfg = make_config(TeacherConfig, user, data.kind, TEACHER_LOWDIM_RECIPE)
+        if cfg.steps < 1 or cfg.lr <= 0 or cfg.warmup < 0 or not all(0 < d < 1 for d in cfg.ema):
+            raise UsageError("--steps and --lr must be positive, --warmup non-negative, --ema in (0, 1)")
+        check_batch_size(cfg.batch_size, data)
+        device = resolve_device(cfg.device)
+    except UsageError as e:
+        return fail("teacher.py", e)
+    out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset))[0])
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "teacher.pt")
+    spec = default_field_spec(data, cfg)
+    print(f"teacher: {cfg.dataset} ({len(data.x)} points), {cfg.steps} updates on {device}, "
+          f"{count_parameters(build_field(spec))} parameters -> {path}")
+    t0 = time.time()
+    train_teacher(cfg, data, device, path)
+    print(f"teacher training took {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,534 @@
+"""The math of realuid.py, proven: exact identities, closed-form optima, the real torchcfm, toy runs.
+
+    python -m pytest -x -q test_realuid.py
+"""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import eval as eval_py
+import realuid as R
+import teacher as teacher_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+quick = settings(max_examples=25, deadline=None)
+
+
+def randomise_(net, scale=0.05, seed=0):
+    """Give every parameter (zero-initialised output layers too) a random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g))
+    return net
+
+
+# =============================================================================
+# The UNet against torchcfm itself
+# =============================================================================
+
+def torchcfm_unet(image_size, channels, channel_mult, num_res_blocks, attention, num_heads,
+                  num_head_channels, num_classes):
+    from torchcfm.models.unet.unet import UNetModelWrapper
+    return UNetModelWrapper(dim=(3, image_size, image_size), num_channels=channels,
+                            num_res_blocks=num_res_blocks, channel_mult=list(channel_mult),
+                            attention_resolutions=",".join(str(r) for r in attention),
+                            num_heads=num_heads, num_head_channels=num_head_channels,
+                            class_cond=num_classes is not None, num_classes=num_classes or 1000)
+
+
+def assert_same_unet(image_size, channels, channel_mult, num_res_blocks, attention, num_heads,
+                     num_head_channels, num_classes, batch=3, seed=0):
+    theirs = randomise_(torchcfm_unet(image_size, channels, channel_mult, num_res_blocks, attention,
+                                      num_heads, num_head_channels, num_classes), seed=seed).eval()
+    ours = R.UNet(3, image_size, channels, channel_mult, num_res_blocks, attention, num_heads,
+                  num_head_channels, 0.0, num_classes).eval()
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g)
+    t = torch.rand(batch, generator=g)
+    y = None if num_classes is None else torch.randint(num_classes, (batch,), generator=g)
+    with torch.no_grad():
+        want, got = theirs(t, x, y=y), ours(t, x, y)
+    assert want.abs().mean() > 1e-2  # a non-trivial output, so agreement means something
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_unet_cifar10_config_loads_torchcfm_state_dict_and_agrees(num_classes):
+    # The paper's CIFAR-10 network: 128 ch, mult [1,2,2,2], 2 res blocks, attention at 16,
+    # 4 heads overridden by 64 channels per head.
+    assert_same_unet(32, 128, (1, 2, 2, 2), 2, (16,), 4, 64, num_classes, batch=2)
+    net = R.UNet(num_classes=num_classes)
+    assert R.count_parameters(net) == R.count_parameters(torchcfm_unet(32, 128, (1, 2, 2, 2), 2, (16,), 4, 64,
+                                                                       num_classes))
+
+
+@quick
+@given(image_size=st.sampled_from([8, 16]), channel_mult=st.sampled_from([(1, 2), (1, 1, 2), (2, 1)]),
+       num_res_blocks=st.integers(1, 2), attention=st.sampled_from([(8,), (4,), (8, 4)]),
+       heads=st.sampled_from([(1, -1), (2, -1), (4, 16), (1, 32)]), cond=st.booleans(),
+       seed=st.integers(0, 10**6))
+def test_unet_small_configs_agree_with_torchcfm(image_size, channel_mult, num_res_blocks, attention, heads,
+                                               cond, seed):
+    assert_same_unet(image_size, 32, channel_mult, num_res_blocks, attention, heads[0], heads[1],
+                     5 if cond else None, seed=seed)
+
+
+# =============================================================================
+# Flow matching: path, target, sampler (torchcfm convention)
+# =============================================================================
+
+def fm_field_1d(t, x, mu, s):
+    """Closed-form marginal field of CFM from N(0,1) noise at t=0 to N(mu, s^2) data at t=1."""
+    var = (1 - t) ** 2 + t ** 2 * s ** 2
+    return mu + (t * s ** 2 - (1 - t)) / var * (x - t * mu)
+
+
+def fm_density_1d(t, x, mu, s):
+    var = (1 - t) ** 2 + t ** 2 * s ** 2
+    return torch.exp(-(x - t * mu) ** 2 / (2 * var)) / (2 * math.pi * var) ** 0.5
+
+
+def test_flow_matching_convention_t0_noise_t1_data():
+    fm, x0, x1 = R.FlowMatching(), torch.randn(5, 3), torch.randn(5, 3)
+    torch.testing.assert_close(fm.path(x0, x1, torch.zeros(5)), x0)
+    torch.testing.assert_close(fm.path(x0, x1, torch.ones(5)), x1)
+    torch.testing.assert_close(fm.target(x0, x1, torch.rand(5)), x1 - x0)
+    # the target is the time derivative of the path
+    t, h = torch.full((5,), 0.3), 1e-3
+    torch.testing.assert_close((fm.path(x0, x1, t + h) - fm.path(x0, x1, t)) / h, x1 - x0, rtol=1e-3, atol=1e-3)
+
+
+def test_um_minimiser_is_the_closed_form_field():
+    # Def. 1: argmin_f L_UM is E[x1 - x0 | x_t]; a binned regression of the conditional target recovers it.
+    mu, s, t, n = 1.5, 0.6, 0.6, 400_000
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(n, 1, generator=g), mu + s * torch.randn(n, 1, generator=g)
+    fm = R.FlowMatching()
+    xt, u = fm.path(x0, x1, torch.full((n,), t)), fm.target(x0, x1, None)
+    edges = torch.linspace(-0.5, 2.3, 15)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (xt[:, 0] >= lo) & (xt[:, 0] < hi)
+        centre = xt[m, 0].mean()
+        assert abs(u[m, 0].mean() - fm_field_1d(t, centre, mu, s)) < 0.03
+
+
+def test_euler_sampler_transports_noise_to_data_with_the_exact_field():
+    mu, s = -2.0, 0.5
+    x = R.FlowMatching().sample(lambda t, x, y: fm_field_1d(t[:, None], x, mu, s),
+                                torch.randn(200_000, 1, generator=torch.Generator().manual_seed(1)), steps=200)
+    assert abs(x.mean() - mu) < 0.01 and abs(x.std() - s) < 0.01
+    one = R.FlowMatching().sample(lambda t, x, y: fm_field_1d(t[:, None], x, mu, s), torch.zeros(1, 1), steps=1)
+    assert one.item() == pytest.approx(mu)  # one Euler step from x0 = 0: 0 + f_0(0) = mu
+
+
+# =============================================================================
+# Exact identities of the losses
+# =============================================================================
+
+def three_networks(dim, cond, seed):
+    torch.manual_seed(seed)
+    k = 3 if cond else None
+    # float64: near alpha = 1 the real target (1-b)/(1-a) u is huge and float32 would cancel
+    teacher = randomise_(R.MLPField(dim, 32, 3, k), 0.3, seed).double()
+    fake = randomise_(R.MLPField(dim, 32, 3, k), 0.3, seed + 1).double()
+    gen = R.OneStepGenerator(randomise_(R.MLPField(dim, 32, 3, k), 0.3, seed + 2).double())
+    return teacher, fake, gen, k
+
+
+def generated_batch(gen, batch, dim, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    z, x0, t = (torch.randn(batch, dim, generator=g, dtype=torch.float64),
+                torch.randn(batch, dim, generator=g, dtype=torch.float64), torch.rand(batch, generator=g, dtype=torch.float64))
+    y = None if k is None else torch.randint(k, (batch,), generator=g)
+    x_gen = gen(z, y)
+    fm = R.FlowMatching()
+    return fm.path(x0, x_gen, t), fm.target(x0, x_gen, t), t, y, x0
+
+
+def grads(loss, params):
+    return torch.autograd.grad(loss.sum(), params, retain_graph=True, allow_unused=False)
+
+
+@quick
+@given(dim=st.integers(1, 6), batch=st.integers(1, 17), cond=st.booleans(), seed=st.integers(0, 10**6))
+def test_uid_equals_fgm_equals_sid_at_half(dim, batch, cond, seed):
+    teacher, fake, gen, k = three_networks(dim, cond, seed)
+    fake.requires_grad_(False)  # FGM: stop-gradient on the fake's parameters, not on its input
+    x_t, u_gen, t, y, _ = generated_batch(gen, batch, dim, k, seed)
+    f_star, f = teacher(t, x_t, y), fake(t, x_t, y)
+    uid = R.realuid_generator_loss(f_star, f, u_gen, 1.0, 1.0)
+    fgm = R.fgm_generator_loss(f_star, f, u_gen)
+    sid = R.sid_generator_loss(f_star, f, u_gen, alpha_sid=0.5)
+    torch.testing.assert_close(fgm, uid, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sid, uid, rtol=1e-10, atol=1e-10)
+    params = list(gen.parameters())
+    g_uid, g_fgm, g_sid = grads(uid, params), grads(fgm, params), grads(sid, params)
+    assert sum(g.abs().sum() for g in g_uid) > 0
+    for a, b, c in zip(g_uid, g_fgm, g_sid):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-10)
+    # SiD's coefficient is not a no-op: alpha_SiD != 1/2 is a different loss
+    assert not torch.allclose(R.sid_generator_loss(f_star, f, u_gen, 1.2), uid)
+
+
+coefficients = st.tuples(st.floats(0.05, 1.0), st.floats(0.05, 1.0)).filter(lambda ab: ab[0] < 1 or ab[1] == 1)
+
+
+@quick
+@given(ab=st.one_of(coefficients, st.just((1.0, 1.0))), dim=st.integers(1, 5), batch=st.integers(1, 13),
+       cond=st.booleans(), seed=st.integers(0, 10**6))
+def test_lemma3_split_form_equals_difference_of_realum_losses(ab, dim, batch, cond, seed):
+    alpha, beta = ab
+    teacher, fake, gen, k = three_networks(dim, cond, seed)
+    x_t, u_gen, t, y, x0 = generated_batch(gen, batch, dim, k, seed)
+    x_real = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64) * 2 + 1
+    fm = R.FlowMatching()
+    xr_t, u_real = fm.path(x0, x_real, t), fm.target(x0, x_real, t)
+    fs_gen, fs_real = teacher(t, x_t, y), teacher(t, xr_t, y)
+    f_gen, f_real = fake(t, x_t, y), fake(t, xr_t, y)
+    difference = (R.realum_loss(fs_gen, u_gen, fs_real, u_real, alpha, beta)
+                  - R.realum_loss(f_gen, u_gen, f_real, u_real, alpha, beta))
+    split = R.realuid_split_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, alpha, beta)
+    torch.testing.assert_close(split, difference, rtol=1e-9, atol=1e-9)
+    for net in (fake, gen):
+        for a, b in zip(grads(split, list(net.parameters())), grads(difference, list(net.parameters()))):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+    # the generator step's loss is the theta-dependent part: the same generator gradients
+    gen_only = R.realuid_generator_loss(fs_gen, f_gen, u_gen, alpha, beta)
+    for a, b in zip(grads(gen_only, list(gen.parameters())), grads(difference, list(gen.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+
+
+@given(alpha=st.floats(-2, 2), beta=st.floats(-2, 2))
+def test_coefficients_outside_the_allowed_range_are_refused(alpha, beta):
+    allowed = 0 < alpha <= 1 and 0 < beta <= 1 and (alpha < 1 or beta == 1)
+    if allowed:
+        R.check_coefficients(alpha, beta)
+    else:
+        with pytest.raises(R.UsageError, match=r"\(0, 1\]"):
+            R.check_coefficients(alpha, beta)
+
+
+# =============================================================================
+# Lemma 2 on 1D Gaussians: the optimal fake field, the distance, the generator's optimum
+# =============================================================================
+
+MU_REAL, S_REAL = 1.0, 0.7
+
+
+def f_opt_1d(t, x, mu_th, s_th, alpha, beta):
+    # eq. 22: [(1-b) p* f* + b p^theta f^theta] / [(1-a) p* + a p^theta]
+    p_star, p_th = fm_density_1d(t, x, MU_REAL, S_REAL), fm_density_1d(t, x, mu_th, s_th)
+    f_star, f_th = fm_field_1d(t, x, MU_REAL, S_REAL), fm_field_1d(t, x, mu_th, s_th)
+    return ((1 - beta) * p_star * f_star + beta * p_th * f_th) / ((1 - alpha) * p_star + alpha * p_th)
+
+
+def distance_1d(mu_th, s_th, alpha, beta, t_grid=None):
+    """eq. 18: E_t int l_t(x, b, a) dx, by quadrature (float64)."""
+    t = (torch.arange(400, dtype=torch.float64) + 0.5) / 400 if t_grid is None else t_grid
+    x = torch.linspace(-12, 12, 6001, dtype=torch.float64)
+    t, x = t[:, None], x[None, :]
+    p_star, p_th = fm_density_1d(t, x, MU_REAL, S_REAL), fm_density_1d(t, x, mu_th, s_th)
+    f_star, f_th = fm_field_1d(t, x, MU_REAL, S_REAL), fm_field_1d(t, x, mu_th, s_th)
+    l = ((beta - alpha) * p_star * f_star + alpha * p_th * f_star - beta * p_th * f_th) ** 2 \
+        / ((1 - alpha) * p_star + alpha * p_th)
+    return (torch.trapezoid(l, x, dim=1)).mean().item()
+
+
+def gaussian_paths(n, t, mu_th, s_th, seed):
+    """MC samples (x_t, u_t(x_t | x1)) of the generated and the real path at time t, float64."""
+    g = torch.Generator().manual_seed(seed)
+    fm, tt = R.FlowMatching(), torch.full((n,), t, dtype=torch.float64)
+    x0 = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    x_gen = mu_th + s_th * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    x_real = MU_REAL + S_REAL * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    return (fm.path(x0, x_gen, tt), fm.target(x0, x_gen, tt), fm.path(x0, x_real, tt), fm.target(x0, x_real, tt))
+
+
+AB_PAIRS = [(1.0, 1.0), (0.9, 0.9), (0.92, 0.94), (0.9, 0.85), (0.6, 0.8)]
+
+
+@pytest.mark.parametrize("alpha,beta", AB_PAIRS)
+def test_lemma2_closed_form_fake_field_is_the_numerical_optimum(alpha, beta):
+    # Minimise the Monte-Carlo RealUM loss (realuid.realum_loss) over a piecewise-constant f; in each
+    # bin the optimum is the ratio of the bin integrals of eq. 22's numerator and denominator.
+    mu_th, s_th, t, n = -0.5, 1.1, 0.7, 400_000
+    xg, ug, xr, ur = gaussian_paths(n, t, mu_th, s_th, seed=3)
+    edges = torch.linspace(-1.0, 1.2, 12, dtype=torch.float64)  # plus one open bin on either side
+    values = torch.zeros(len(edges) + 1, dtype=torch.float64, requires_grad=True)
+    bin_gen, bin_real = torch.bucketize(xg[:, 0], edges), torch.bucketize(xr[:, 0], edges)
+    opt = torch.optim.LBFGS([values], max_iter=100, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = R.realum_loss(values[bin_gen, None], ug, values[bin_real, None], ur, alpha, beta).mean()
+        loss.backward()
+        return loss
+    opt.step(objective)
+    x = torch.linspace(-1.0, 1.2, 2201, dtype=torch.float64)
+    p_star, p_th = fm_density_1d(t, x, MU_REAL, S_REAL), fm_density_1d(t, x, mu_th, s_th)
+    num = (1 - beta) * p_star * fm_field_1d(t, x, MU_REAL, S_REAL) + beta * p_th * fm_field_1d(t, x, mu_th, s_th)
+    den = (1 - alpha) * p_star + alpha * p_th
+    want = torch.stack([num[i * 200:(i + 1) * 200 + 1].sum() / den[i * 200:(i + 1) * 200 + 1].sum()
+                        for i in range(11)])
+    assert (values.detach()[1:-1] - want).abs().max() < 0.03, (values, want)
+    # and the bins follow eq. 22 itself, which differs from the teacher and the student fields
+    centres = (edges[:-1] + edges[1:]) / 2
+    torch.testing.assert_close(want, f_opt_1d(t, centres, mu_th, s_th, alpha, beta), rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("alpha,beta", AB_PAIRS)
+def test_lemma2_maximum_equals_the_distance_formula(alpha, beta):
+    # L_RUM(f*) - L_RUM(f_opt), estimated with realuid.realum_loss, equals int l_t(x, b, a) dx (eq. 18).
+    mu_th, s_th, n = -0.5, 1.1, 2_000_000
+    for t in (0.3, 0.8):
+        xg, ug, xr, ur = gaussian_paths(n, t, mu_th, s_th, seed=5)
+        fs = lambda x: fm_field_1d(t, x, MU_REAL, S_REAL)  # noqa: E731
+        fo = lambda x: f_opt_1d(t, x, mu_th, s_th, alpha, beta)  # noqa: E731
+        value = (R.realum_loss(fs(xg), ug, fs(xr), ur, alpha, beta)
+                 - R.realum_loss(fo(xg), ug, fo(xr), ur, alpha, beta)).mean().item()
+        exact = distance_1d(mu_th, s_th, alpha, beta, torch.tensor([t], dtype=torch.float64))
+        assert value == pytest.approx(exact, rel=0.03), (t, value, exact)
+        # and f_opt beats a perturbed field: it is the maximiser of L_RUID
+        fp = lambda x: fo(x) + 0.05 * torch.sin(3 * x)  # noqa: E731
+        worse = (R.realum_loss(fs(xg), ug, fs(xr), ur, alpha, beta)
+                 - R.realum_loss(fp(xg), ug, fp(xr), ur, alpha, beta)).mean().item()
+        assert worse < value
+    if alpha == beta == 1:  # Lemma 1: p^theta ||f* - f^theta||^2
+        t = torch.tensor([0.5], dtype=torch.float64)
+        x = torch.linspace(-12, 12, 6001, dtype=torch.float64)
+        lemma1 = torch.trapezoid(fm_density_1d(0.5, x, mu_th, s_th) * (fm_field_1d(0.5, x, MU_REAL, S_REAL)
+                                                                      - fm_field_1d(0.5, x, mu_th, s_th)) ** 2, x)
+        assert distance_1d(mu_th, s_th, 1.0, 1.0, t) == pytest.approx(lemma1.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("alpha,beta", AB_PAIRS)
+def test_lemma2_generator_objective_is_minimised_at_the_real_mean(alpha, beta):
+    mus = torch.linspace(MU_REAL - 1.5, MU_REAL + 1.5, 13, dtype=torch.float64)
+    d = np.array([distance_1d(m.item(), S_REAL, alpha, beta) for m in mus])
+    assert np.argmin(d) == 6 and d[6] < 1e-12 and (np.delete(d, 6) > 1e-4).all()
+    # The generator step's loss (realuid_generator_loss with the fake at its optimum, frozen) has the
+    # gradient of the distance (envelope theorem): it points to mu* and matches a finite difference.
+    for mu_th in (MU_REAL - 1.0, MU_REAL + 0.7):
+        mu = torch.tensor(mu_th, dtype=torch.float64, requires_grad=True)
+        g = torch.Generator().manual_seed(11)
+        n = 2_000_000
+        x0, z = torch.randn(n, 1, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64)
+        t = torch.rand(n, generator=g, dtype=torch.float64)
+        fm = R.FlowMatching()
+        x_gen = mu + S_REAL * z
+        x_t, u_gen = fm.path(x0, x_gen, t), fm.target(x0, x_gen, t)
+        f_star = fm_field_1d(t[:, None], x_t, MU_REAL, S_REAL)
+        f_fake = f_opt_1d(t[:, None], x_t, mu_th, S_REAL, alpha, beta)  # frozen parameters, live input
+        loss = R.realuid_generator_loss(f_star, f_fake, u_gen, alpha, beta).mean()
+        (grad,) = torch.autograd.grad(loss, mu)
+        h = 1e-3
+        fd = (distance_1d(mu_th + h, S_REAL, alpha, beta) - distance_1d(mu_th - h, S_REAL, alpha, beta)) / (2 * h)
+        assert np.sign(grad.item()) == np.sign(mu_th - MU_REAL)
+        assert grad.item() == pytest.approx(fd, rel=0.05, abs=2e-3), (mu_th, grad.item(), fd)
+
+
+# =============================================================================
+# The loop
+# =============================================================================
+
+def tiny_state(alpha=0.9, beta=0.95, K=2, seed=0, cond=False, steps=30):
+    torch.manual_seed(seed)
+    k = 3 if cond else None
+    cfg = R.Config(alpha=alpha, beta=beta, K=K, lr=1e-3, steps=steps, warmup=5, ema=(0.9, 0.99), seed=seed)
+    teacher = R.MLPField(2, 32, 3, k)
+    g = copy.deepcopy(teacher)
+    return R.RealUID(cfg, teacher, R.MLPField(2, 32, 3, k), g), k
+
+
+def test_generator_step_moves_only_the_generator_and_fake_step_only_the_fake():
+    state, _ = tiny_state()
+    before = {n: copy.deepcopy(m.state_dict()) for n, m in
+              (("teacher", state.teacher), ("fake", state.fake), ("gen", state.generator))}
+
+    def changed(name, module):
+        return any(not torch.equal(v, module.state_dict()[k]) for k, v in before[name].items())
+    state.generator_step(None, (64, 2), torch.device("cpu"))
+    assert changed("gen", state.generator) and not changed("fake", state.fake)
+    assert all(p.grad is None for p in state.fake.parameters())  # no wasted backward work
+    assert all(p.requires_grad for p in state.fake.parameters())  # and the fake is trainable again
+    before["gen"] = copy.deepcopy(state.generator.state_dict())
+    state.fake_step(torch.randn(64, 2))
+    assert changed("fake", state.fake) and not changed("gen", state.generator)
+    assert not changed("teacher", state.teacher)
+
+
+def test_ema_warmup_and_k_to_1_schedule():
+    state, _ = tiny_state(K=3, steps=8)
+    calls = []
+    for name in ("fake_step", "generator_step"):
+        step = getattr(state, name)
+        setattr(state, name, lambda *a, step=step, name=name: (calls.append(name[0].upper()), step(*a))[1])
+    ema_before = {d: [p.clone() for p in net.parameters()] for d, net in state.ema.items()}
+    R.distill(state, R.batches(R.Data(x=torch.randn(100, 2)), 16, "cpu"))
+    assert "".join(calls) == "FFFGFFFG" and state.step == 8
+    # EMA: e <- d e + (1 - d) p after each generator update; check one update by hand
+    net = R.MLPField(2, 8, 2)
+    ema = copy.deepcopy(net)
+    want = [0.9 * e + 0.1 * (p + 1) for e, p in zip(ema.parameters(), net.parameters())]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1)
+    R.ema_update(ema, net, 0.9)
+    for a, b in zip(ema.parameters(), want):
+        torch.testing.assert_close(a, b)
+    assert all(not torch.equal(a, b) for a, b in zip(ema_before[0.9], state.ema[0.9].parameters()))
+    # linear warm-up over 5 updates: lr * 1/5 at the first update, full lr from the fifth on
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), R.warmup_schedule(5))
+    lrs = []
+    for _ in range(7):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])
+
+
+def test_same_seed_same_weights_on_cpu():
+    def run():
+        state, k = tiny_state(seed=3, cond=True, steps=20)
+        torch.manual_seed(3)
+        data = R.Data(x=torch.randn(200, 2), y=torch.randint(3, (200,)), num_classes=3)
+        R.distill(state, R.batches(data, 32, "cpu"))
+        return state.generator.state_dict()
+    a, b = run(), run()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# =============================================================================
+# End to end on the built-in 2D data
+# =============================================================================
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    rc = R.main(["--out", str(out), "--teacher-steps", "2000", "--steps", "1500", "--seed", "0"])
+    assert rc == 0
+    return out
+
+
+def test_distillation_on_2d_beats_the_teachers_one_step(toy_run):
+    results = json.load(open(toy_run / "results.json"))
+    one_step_teacher = results["teacher, 1 step"]["w2"]
+    best = min(v["w2"] for k, v in results.items() if k.startswith("RealUID"))
+    assert one_step_teacher > 3.0  # one Euler step of the teacher collapses onto the mean
+    assert best < 0.25 * one_step_teacher and best < 1.0, results
+    assert (toy_run / "samples.png").stat().st_size > 10_000
+    lines = [json.loads(l) for l in open(toy_run / "metrics.jsonl")]
+    assert lines[-1]["step"] == 1500 and "gen_loss" in lines[-1] and "fake_loss" in lines[-1]
+
+
+def test_checkpoints_reload_and_sample(toy_run, tmp_path):
+    ckpt = torch.load(toy_run / "checkpoint.pt", weights_only=True)
+    assert ckpt["kind"] == "generator" and ckpt["step"] == 1500 and set(ckpt["ema"]) == {"0.99", "0.995", "0.999"}
+    assert ckpt["config"]["alpha"] == 0.92 and ckpt["data"]["shape"] == [2]
+    out = tmp_path / "s.npy"
+    assert eval_py.main(["sample", str(toy_run / "checkpoint.pt"), "--n", "3000", "--out", str(out),
+                         "--ema", "0.995"]) == 0
+    x = np.load(out)
+    assert x.shape == (3000, 2)
+    # samples come back in data units: the 8 modes sit on a circle of radius 4
+    assert 3.0 < np.median(np.linalg.norm(x, axis=1)) < 5.0
+    assert eval_py.main(["sample", str(toy_run / "teacher.pt"), "--n", "2000", "--out", str(out),
+                         "--steps", "50"]) == 0
+    assert 3.0 < np.median(np.linalg.norm(np.load(out), axis=1)) < 5.0
+
+
+def test_w2_and_energy_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 2))
+    assert eval_py.w2_distance(x, x + [3.0, 4.0]) == pytest.approx(5.0)  # a shift moves every point by 5
+    assert eval_py.w2_distance(x, x[::-1]) == pytest.approx(0.0)
+    assert eval_py.energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert eval_py.energy_distance(x, x + 3.0) > 1.0
+
+
+# =============================================================================
+# Bad input: one clear line, exit code 2, no traceback
+# =============================================================================
+
+def error_of(main, argv, capsys):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("alpha,beta", [("1.5", "0.9"), ("0", "0.5"), ("1.0", "0.9"), ("0.9", "-0.1")])
+def test_cli_refuses_coefficients(alpha, beta, capsys, tmp_path):
+    err = error_of(R.main, ["--alpha", alpha, "--beta", beta, "--out", str(tmp_path)], capsys)
+    assert "(0, 1]" in err and "beta = 1" in err
+
+
+def test_cli_refuses_missing_and_mismatched_checkpoints(capsys, tmp_path, toy_run):
+    err = error_of(R.main, ["--teacher", str(tmp_path / "nope.pt"), "--out", str(tmp_path)], capsys)
+    assert "does not exist" in err
+    # a teacher trained on 2D data, given 3D data
+    np.save(tmp_path / "d3.npy", np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32))
+    err = error_of(R.main, ["--dataset", str(tmp_path / "d3.npy"), "--teacher", str(toy_run / "teacher.pt"),
+                            "--batch-size", "32", "--out", str(tmp_path)], capsys)
+    assert "shape [2]" in err and "[3]" in err
+    # weights that do not fit the network the checkpoint describes
+    ckpt = torch.load(toy_run / "teacher.pt", weights_only=True)
+    ckpt["ema"] = {k: {n: v for n, v in sd.items() if not n.startswith("out.")} for k, sd in ckpt["ema"].items()}
+    ckpt["ema"]["0.999"]["extra.weight"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "broken.pt")
+    err = error_of(R.main, ["--teacher", str(tmp_path / "broken.pt"), "--out", str(tmp_path)], capsys)
+    assert "missing out.weight" in err and "unexpected extra.weight" in err
+    # not a PyTorch file at all
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    err = error_of(R.main, ["--teacher", str(tmp_path / "junk.pt"), "--out", str(tmp_path)], capsys)
+    assert "could not be read" in err
+    err = error_of(eval_py.main, ["sample", str(tmp_path / "nope.pt")], capsys)
+    assert "does not exist" in err
+    err = error_of(eval_py.main, ["sample", str(toy_run / "checkpoint.pt"), "--ema", "0.5"], capsys)
+    assert "no EMA 0.5" in err
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.zeros((10, 2, 2), np.float32), "N x D"),
+    (np.zeros((1, 2), np.float32), "N x D"),
+    (np.array([[0.0, np.nan]] * 10, np.float32), "NaN"),
+    (np.array(["a", "b"]), "N x D"),
+])
+def test_cli_refuses_bad_npy(array, message, capsys, tmp_path):
+    np.save(tmp_path / "bad.npy", array)
+    for main in (R.main, teacher_py.main):
+        err = error_of(main, ["--dataset", str(tmp_path / "bad.npy"), "--out", str(tmp_path)], capsys)
+        assert message in err
+
+
+def test_cli_refuses_other_bad_input(capsys, tmp_path):
+    assert "unknown dataset" in error_of(R.main, ["--dataset", "mnist9", "--out", str(tmp_path)], capsys)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+    err = error_of(R.main, ["--dataset", str(tmp_path / "x.npy"), "--cond", "--out", str(tmp_path)], capsys)
+    assert "--cond needs class labels" in err
+    err = error_of(R.main, ["--dataset", str(tmp_path / "x.npy"), "--out", str(tmp_path)], capsys)
+    assert "larger than the data set" in err  # the low-dim default batch of 512 > 40 training points
+    assert "must be a positive" in error_of(R.main, ["--K", "0", "--out", str(tmp_path)], capsys)
+    assert "--ema" in error_of(R.main, ["--ema", "1.5", "--out", str(tmp_path)], capsys)
+
+
+def test_import_is_cheap_and_silent_and_bad_input_prints_no_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['x', '--bogus']; import realuid"],
+                         cwd=HERE, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+    out = subprocess.run([sys.executable, "realuid.py", "--alpha", "2"], cwd=HERE, capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "alpha" in out.stderr
