@@ -76,7 +76,9 @@ def report_lowdim(state, data, out, device, seed=0):
     n, info = len(data.x_test), data.info("")
     real = data.x_test.numpy()
     shape, k = tuple(data.x.shape[1:]), data.num_classes
-    rows = {"teacher, 1 step": sample_field(state.teacher, n, shape, device, 1, k, seed),
+    floor = data.x[torch.randperm(len(data.x), generator=torch.Generator().manual_seed(seed))[:n]]
+    rows = {"real training points": floor,  # the metric's finite-sample floor
+            "teacher, 1 step": sample_field(state.teacher, n, shape, device, 1, k, seed),
             "teacher, 100 steps": sample_field(state.teacher, n, shape, device, 100, k, seed),
             "RealUID generator, 1 step": sample_field(state.generator.g, n, shape, device, None, k, seed)}
     for decay, net in state.ema.items():
@@ -91,16 +93,18 @@ def report_lowdim(state, data, out, device, seed=0):
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     if real.shape[1] >= 2:
-        plot_points(real, rows, os.path.join(out, "samples.png"))
+        plot_points(real, rows, results, os.path.join(out, "samples.png"))
         print(f"\nscatter plot of real and generated points: {os.path.join(out, 'samples.png')}")
     return results
 
 
-def plot_points(real, rows, path):
+def plot_points(real, rows, results, path):
+    """Real points beside the teacher at 1 and 100 steps and the best one-step generator."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = ["real (held out)"] + list(rows)[:3]
+    best = min((name for name in rows if name.startswith("RealUID")), key=lambda name: results[name]["w2"])
+    names = ["real (held out)", "teacher, 1 step", "teacher, 100 steps", best]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), sharex=True, sharey=True)
     for ax, name in zip(axes, names):
         x = real if name.startswith("real") else rows[name]

@@ -81,7 +81,7 @@ class Config:
 
 # For low-dimensional data the CIFAR recipe would take days to move a 2D point
 # cloud; these finish in minutes on a laptop CPU. A flag the user gives wins.
-LOWDIM_RECIPE = dict(lr=1e-3, batch_size=512, steps=6000, warmup=100, ema=(0.99, 0.995, 0.999),
+LOWDIM_RECIPE = dict(lr=3e-4, batch_size=512, steps=6000, warmup=100, ema=(0.95, 0.99, 0.995),
                      log_every=50, save_every=2000)
 
 
