@@ -1,6 +1,7 @@
 """Sampling and metrics for realuid checkpoints.
 
-    python eval.py sample runs/8gaussians/checkpoint.pt --n 5000 --out samples.npy [--ema 0.999]
+    python eval.py sample runs/8gaussians --n 5000 --out samples.npy [--ema 0.99]
+    python eval.py sample runs/digits --n 100 --out digits.npz        # + digits.png, a grid
     python eval.py sample runs/8gaussians/teacher.pt --n 5000 --out teacher.npy --steps 100
 
 Toy-data metrics: exact W2 between equal-size point clouds (an optimal
@@ -15,7 +16,8 @@ import sys
 import numpy as np
 import torch
 
-from realuid import FlowMatching, OneStepGenerator, UsageError, fail, load_field
+from realuid import (UsageError, fail, latest_checkpoint, load_field, resolve_device, sample_field,
+                     save_grid)
 
 
 # =============================================================================
@@ -44,25 +46,6 @@ def energy_distance(x, y):
 # =============================================================================
 # Sampling
 # =============================================================================
-
-def class_labels(n, num_classes, device):
-    return None if num_classes is None else torch.arange(n, device=device) % num_classes
-
-
-@torch.no_grad()
-def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_size=4096):
-    """n samples: the one-step generator G(z) = z + g(0, z) when steps is None, else Euler with steps."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    net = net.to(device).eval()
-    out = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        z = torch.randn(b, *shape, generator=gen, device=device)
-        y = class_labels(n, num_classes, device)[start:start + b] if num_classes else None
-        x = OneStepGenerator(net)(z, y) if steps is None else FlowMatching().sample(net, z, steps, y)
-        out.append(x.float().cpu())
-    return torch.cat(out)
-
 
 def to_data_units(x, data_info):
     """Undo the standardisation of low-dimensional data."""
@@ -122,28 +105,46 @@ def plot_points(real, rows, results, path):
 def cmd_sample(args):
     if args.n < 1:
         raise UsageError("--n must be positive")
-    net, ckpt = load_field(args.checkpoint, "checkpoint", args.ema)
+    kw = {}
+    if args.resolution:
+        kw = dict(image_size=args.resolution)
+    net, ckpt = load_field(latest_checkpoint(args.checkpoint), "checkpoint", args.ema, **kw)
     info = ckpt.get("data") or {}
     steps = None if ckpt.get("kind") == "generator" else (args.steps or 100)
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     x = sample_field(net, args.n, tuple(info["shape"]), device, steps, info.get("num_classes"), args.seed)
-    x = to_data_units(x, info)
-    if info.get("kind") == "image":
-        x = np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.save(args.out, x)
     what = "one-step generator" if steps is None else f"teacher, {steps} Euler steps"
-    print(f"wrote {args.n} samples ({what}) of shape {x.shape[1:]} to {args.out}")
+    out = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    if info.get("kind") == "image":
+        save_grid(x[:min(len(x), args.grid)], os.path.splitext(out)[0] + ".png")
+        images = np.round((x.clamp(-1, 1).numpy() + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+        if out.endswith(".npz"):
+            labels = np.arange(args.n) % info["num_classes"] if info.get("num_classes") else None
+            np.savez(out, images=images, **({} if labels is None else dict(labels=labels)))
+        elif out.endswith(".npy"):
+            np.save(out, images)
+        else:  # a folder of PNGs, as clean-fid reads them
+            from PIL import Image
+            os.makedirs(out, exist_ok=True)
+            for i, im in enumerate(images):
+                Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(os.path.join(out, f"{i:06d}.png"))
+        print(f"wrote {args.n} images ({what}) to {out} and a grid to {os.path.splitext(out)[0]}.png")
+    else:
+        np.save(out, to_data_units(x, info))
+        print(f"wrote {args.n} samples ({what}) of shape {tuple(x.shape[1:])} to {out}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sampling and metrics for realuid checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="write samples of a checkpoint to a .npy file")
-    s.add_argument("checkpoint", help="checkpoint.pt of realuid.py or teacher.pt of teacher.py")
+    s.add_argument("checkpoint", help="a realuid.py checkpoint or output folder, or a teacher file")
     s.add_argument("--n", type=int, default=10_000, help="number of samples")
-    s.add_argument("--out", default="samples.npy", help="output .npy file")
+    s.add_argument("--out", default="samples.npy",
+                   help="a .npy file; for images also .npz (images, labels) or a folder of PNGs, plus a PNG grid")
+    s.add_argument("--grid", type=int, default=100, help="images in the PNG grid")
+    s.add_argument("--resolution", type=int, default=0, help="image side, for torchcfm / official teacher files")
     s.add_argument("--ema", type=float, default=None, help="EMA decay to sample (default: the smallest)")
     s.add_argument("--steps", type=int, default=None,
                    help="Euler steps of a teacher (default 100); a generator always takes one")

@@ -55,7 +55,8 @@ def opt(default, help, **kw):
 
 @dataclass
 class Config:
-    dataset: str = opt("8gaussians", "8gaussians (built-in 2D), PATH.npy (N x D float array)")
+    dataset: str = opt("8gaussians", "8gaussians (built-in 2D), digits, cifar10, an image folder, or PATH.npy "
+                                     "(N x D floats or N x H x W x C uint8 images)")
     cond: bool = opt(False, "class-conditional generator, teacher and fake model")
     alpha: float = opt(0.92, "RealUM weight of generated data, in (0, 1] (eq. 16)")
     beta: float = opt(0.94, "RealUM weight of the generated target, in (0, 1] (eq. 16)")
@@ -64,25 +65,46 @@ class Config:
     batch_size: int = opt(256, "batch size (generated and real halves each)")
     steps: int = opt(500_000, "gradient updates in all, fake and generator (K:1)")
     warmup: int = opt(500, "linear learning-rate warm-up, in updates")
-    ema: tuple = opt((0.999, 0.9996, 0.9999), "EMA decays of the generator", nargs="+")
+    ema: tuple = opt((0.999, 0.9996, 0.9999), "EMA decays of the generator")
     grad_clip: float = opt(1.0, "gradient-norm clipping of both networks")
-    teacher: str = opt("", "teacher checkpoint (teacher.py); low-dim data: trained on the spot if empty")
+    teacher: str = opt("", "teacher checkpoint: teacher.py's, torchcfm's or the official RealUID's "
+                           "(low-dim data: trained on the spot if empty)")
+    teacher_ema: float = opt(None, "EMA decay to take from a teacher file holding several", type=float)
+    num_heads: int = opt(4, "attention heads, for teacher files that do not record them")
+    num_head_channels: int = opt(64, "channels per head (overrides --num-heads; -1: off), likewise")
     fake_init: str = opt("random", "initialise the fake model randomly or from the teacher",
                          choices=("random", "teacher"))
+    init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
+    init_ema: float = opt(None, "EMA decay to take from --init-generator (default: the smallest)", type=float)
+    resume: str = opt("", "continue a run exactly: a checkpoint file or an output folder")
     out: str = opt("", "output folder (default runs/<dataset>)")
+    data_root: str = opt("data", "where cifar10 is found or downloaded")
+    resolution: int = opt(0, "image side: image folders (default 64) and digits (16 or 32, default 16)")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     seed: int = opt(0, "seed of everything random")
+    workers: int = opt(2, "data-loader processes for image folders")
     log_every: int = opt(100, "updates between progress-bar and metrics-log lines")
     save_every: int = opt(5000, "updates between checkpoints")
+    keep: int = opt(3, "checkpoints kept (the newest)")
+    sample_every: int = opt(5000, "updates between sample grids of the generator and every EMA (images)")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
     hidden: int = opt(256, "MLP width (low-dimensional data)")
     teacher_steps: int = opt(5000, "updates of the on-the-spot teacher (low-dim data, no --teacher)")
     eval_samples: int = opt(2000, "held-out points for the final metrics (low-dim data)")
 
 
-# For low-dimensional data the CIFAR recipe would take days to move a 2D point
-# cloud; these finish in minutes on a laptop CPU. A flag the user gives wins.
-LOWDIM_RECIPE = dict(lr=3e-4, batch_size=512, steps=6000, warmup=100, ema=(0.95, 0.99, 0.995),
-                     log_every=50, save_every=2000)
+# The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a
+# laptop CPU. A flag the user gives wins over any recipe.
+RECIPES = dict(
+    lowdim=dict(lr=3e-4, batch_size=512, steps=6000, warmup=100, ema=(0.95, 0.99, 0.995),
+                log_every=50, save_every=2000),
+    digits=dict(lr=1e-4, batch_size=128, steps=3000, warmup=100, ema=(0.99, 0.995, 0.999),
+                log_every=50, save_every=1000, sample_every=1000),
+    image={})
+FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
+DATA_FIELDS = ("dataset", "cond", "seed", "eval_samples", "resolution", "data_root")
+RESUMABLE = ("steps", "out", "device", "workers", "log_every", "save_every", "keep", "sample_every",
+             "tensorboard", "resume")
 
 
 def check_coefficients(alpha, beta):
@@ -95,7 +117,7 @@ def check_coefficients(alpha, beta):
 
 def check_config(cfg):
     check_coefficients(cfg.alpha, cfg.beta)
-    for name in ("K", "batch_size", "steps", "log_every", "save_every", "hidden"):
+    for name in ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer "
                              f"(got {getattr(cfg, name)})")
@@ -480,18 +502,38 @@ class RealUID:
         return loss.detach(), grad_norm
 
     def state_dict(self):
+        """Everything a resume needs, as plain tensors and numbers (loads with weights_only=True)."""
+        rng = dict(cpu=torch.get_rng_state())
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         return dict(generator=self.generator.g.state_dict(), fake=self.fake.state_dict(),
                     ema={str(d): net.state_dict() for d, net in self.ema.items()},
                     opt_gen=self.opt_gen.state_dict(), opt_fake=self.opt_fake.state_dict(),
                     sched_gen=self.sched_gen.state_dict(), sched_fake=self.sched_fake.state_dict(),
-                    step=self.step)
+                    step=self.step, rng=rng)
+
+    def load_state_dict(self, ckpt):
+        self.generator.g.load_state_dict(ckpt["generator"])
+        self.fake.load_state_dict(ckpt["fake"])
+        for d, net in self.ema.items():
+            net.load_state_dict(ckpt["ema"][str(d)])
+        for name in ("opt_gen", "opt_fake", "sched_gen", "sched_fake"):
+            getattr(self, name).load_state_dict(ckpt[name])
+        self.step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
 
-def distill(state, batches, out=None, data_info=None, field_spec=None):
-    """The loop: K fake updates, then one generator update, until cfg.steps updates in all."""
+def distill(state, batches, out=None, meta=None, sample_fn=None):
+    """The loop: K fake updates, then one generator update, until cfg.steps updates in all.
+
+    meta (data info and field spec) goes into every checkpoint; sample_fn(state, step) writes grids.
+    """
     from tqdm import tqdm
     cfg = state.cfg
     log = open(os.path.join(out, "metrics.jsonl"), "a") if out else None
+    writer = tensorboard_writer(out) if out and cfg.tensorboard else None
     start, last = time.time(), {}
     bar = tqdm(total=cfg.steps, initial=state.step, desc="RealUID", dynamic_ncols=True,
                disable=None, mininterval=1.0)
@@ -503,40 +545,115 @@ def distill(state, batches, out=None, data_info=None, field_spec=None):
             else:
                 last["gen_loss"], last["gen_grad"] = state.generator_step(y, x_real.shape, x_real.device)
             bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            step = state.step
+            if step % cfg.log_every == 0 or step == cfg.steps:
                 row = {k: round(float(v), 6) for k, v in last.items()}  # the only host sync
                 bar.set_postfix(fake=row.get("fake_loss"), gen=row.get("gen_loss"), refresh=False)
+                row.update(step=step, lr=state.sched_gen.get_last_lr()[0], time=round(time.time() - start, 2))
                 if log:
-                    row.update(step=state.step, lr=state.sched_gen.get_last_lr()[0],
-                               time=round(time.time() - start, 2))
                     log.write(json.dumps(row) + "\n")
                     log.flush()
-            if out and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
-                save_distilled(state, os.path.join(out, "checkpoint.pt"), data_info, field_spec)
+                if writer:
+                    for k, v in row.items():
+                        writer.add_scalar(k, v, step)
+            if sample_fn and (step % cfg.sample_every == 0 or step == cfg.steps):
+                sample_fn(state, step)
+            if out and (step % cfg.save_every == 0 or step == cfg.steps):
+                save_rotating(dict(version=VERSION, kind="generator", config=config_dict(cfg), **(meta or {}),
+                                   **state.state_dict()), out, step, cfg.keep)
     finally:
         bar.close()
         if log:
             log.close()
+        if writer:
+            writer.close()
     return state
 
 
+def tensorboard_writer(out):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
 # =============================================================================
-# Data and checkpoints
+# Sampling
 # =============================================================================
+
+def class_labels(n, num_classes, device):
+    """Class-conditional sampling cycles the labels 0, 1, ..., K-1, 0, ... (y = arange(n) % K)."""
+    return None if num_classes is None else torch.arange(n, device=device) % num_classes
+
+
+@torch.no_grad()
+def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_size=1000):
+    """n samples: the one-step generator z + g(0, z) when steps is None, else Euler with steps."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training, net = net.training, net.to(device).eval()
+    out, labels = [], class_labels(n, num_classes, device)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        z = torch.randn(b, *shape, generator=gen, device=device)
+        y = None if labels is None else labels[start:start + b]
+        x = OneStepGenerator(net)(z, y) if steps is None else FlowMatching().sample(net, z, steps, y)
+        out.append(x.float().cpu())
+    net.train(was_training)
+    return torch.cat(out)
+
+
+def save_grid(x, path):
+    """Images in [-1, 1] as one PNG grid."""
+    from torchvision.utils import save_image
+    save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(x)))))
+
+
+def grid_writer(out, shape, num_classes, device, n=64):
+    """Sample grids of the generator and every EMA, from the same fixed noise each time."""
+    folder = os.path.join(out, "samples")
+    os.makedirs(folder, exist_ok=True)
+
+    def write(state, step):
+        nets = {"generator": state.generator.g, **{f"ema{d}": net for d, net in state.ema.items()}}
+        for name, net in nets.items():
+            save_grid(sample_field(net, n, shape, device, None, num_classes, seed=0),
+                      os.path.join(folder, f"{name}-{step:07d}.png"))
+    return write
+
+
+# =============================================================================
+# Data
+# =============================================================================
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 @dataclass
 class Data:
-    """Training data in the networks' coordinates, plus what maps it back."""
-    x: torch.Tensor
+    """Training data. Low-dim: float tensors, standardised. Images: uint8 NCHW in memory, or files."""
+    x: torch.Tensor = None
     y: torch.Tensor = None
     num_classes: int = None
-    kind: str = "lowdim"
-    mean: torch.Tensor = None  # low-dim data is standardised: x_net = (x - mean) / std
+    kind: str = "lowdim"  # lowdim | image
+    recipe: str = "lowdim"  # which defaults apply: lowdim | digits | image
+    mean: torch.Tensor = None  # low-dim data: x_net = (x - mean) / std
     std: torch.Tensor = None
     x_test: torch.Tensor = None  # held-out real points, in the original coordinates
+    flip: bool = False  # random horizontal flips (images)
+    files: list = None  # an image folder, read by a DataLoader
+    resolution: int = None
+
+    def __len__(self):
+        return len(self.files) if self.files is not None else len(self.x)
+
+    def shape(self):
+        if self.files is not None:
+            return [3, self.resolution, self.resolution]
+        return list(self.x.shape[1:])
 
     def info(self, name):
-        return dict(name=name, kind=self.kind, shape=list(self.x.shape[1:]), num_classes=self.num_classes,
+        return dict(name=name, kind=self.kind, shape=self.shape(), num_classes=self.num_classes,
                     mean=None if self.mean is None else self.mean.tolist(),
                     std=None if self.std is None else self.std.tolist())
 
@@ -551,41 +668,108 @@ def eight_gaussians(n, seed, radius=4.0, std=0.4):
 
 
 def load_npy(path):
+    """N x D floats (low-dim data) or N x H x W x C uint8 images (C = 1 or 3)."""
     try:
         x = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsageError(f"data file {path} does not exist") from None
     except (ValueError, OSError) as e:
         raise UsageError(f"{path} is not a readable .npy array ({e})") from None
+    if x.ndim == 4 and x.dtype == np.uint8 and x.shape[3] in (1, 3) and len(x) >= 2:
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1 or not np.issubdtype(x.dtype, np.number):
-        raise UsageError(f"{path} must hold an N x D array of numbers with N >= 2 "
-                         f"(got shape {x.shape}, dtype {x.dtype})")
+        raise UsageError(f"{path} must hold an N x D array of numbers with N >= 2, or N x H x W x C uint8 "
+                         f"images (got shape {x.shape}, dtype {x.dtype})")
     x = torch.from_numpy(x.astype(np.float32))
     if not torch.isfinite(x).all():
         raise UsageError(f"{path} contains NaN or infinite values")
     return x
 
 
-def standardise(x, y, num_classes, x_test=None):
+def standardise(x, y, num_classes, x_test):
     mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
-    return Data(x=(x - mean) / std, y=y, num_classes=num_classes, mean=mean, std=std,
-                x_test=x_test if x_test is not None else x)
+    return Data(x=(x - mean) / std, y=y, num_classes=num_classes, mean=mean, std=std, x_test=x_test)
+
+
+def load_cifar10(root):
+    """CIFAR-10 train split through torchvision: 50000 x 3 x 32 x 32 uint8 and 10 labels."""
+    from torchvision import datasets
+
+    class CIFAR10(datasets.CIFAR10):
+        def _check_integrity(self):
+            # An extracted folder is taken as it is (stand-ins too); only a missing one is downloaded.
+            return os.path.isdir(os.path.join(self.root, self.base_folder))
+    folder = os.path.join(root, "cifar-10-batches-py")
+    try:
+        ds = CIFAR10(root, train=True, download=not os.path.isdir(folder))
+    except Exception:
+        raise UsageError(f"CIFAR-10 could not be downloaded: put the extracted cifar-10-batches-py "
+                         f"folder into {os.path.abspath(root)} (or pass --data-root)") from None
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+
+def load_digits(resolution):
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), upsampled: no download needed."""
+    from sklearn.datasets import load_digits as sk_digits
+    d = sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), torch.tensor(d.target)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A folder of images (CelebA and the like): RGB, resized and centre-cropped, uint8 CHW."""
+
+    def __init__(self, files, resolution):
+        from torchvision import transforms
+        self.files = files
+        self.transform = transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution),
+                                             transforms.PILToTensor()])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB")), 0
+
+
+def list_images(folder):
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise UsageError(f"the folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
 
 
 def load_data(cfg):
-    """Low-dimensional data for issue #2: the built-in 8 Gaussians or an N x D .npy file."""
-    name = cfg.dataset
+    """The data set named by cfg.dataset, with cfg.cond deciding whether labels are kept."""
+    name, res = cfg.dataset, cfg.resolution
     if name == "8gaussians":
         x, y = eight_gaussians(20_000, seed=1234)
-        x_test, _ = eight_gaussians(cfg.eval_samples, seed=4321)
-        data = standardise(x, y, 8, x_test)
+        data = standardise(x, y, 8, eight_gaussians(cfg.eval_samples, seed=4321)[0])
+    elif name == "cifar10":
+        x, y = load_cifar10(cfg.data_root)
+        data = Data(x=x, y=y, num_classes=10, kind="image", recipe="image", flip=True)
+    elif name == "digits":
+        x, y = load_digits(res or 16)
+        data = Data(x=x, y=y, num_classes=10, kind="image", recipe="digits")
     elif name.endswith(".npy"):
         x = load_npy(name)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
-        n_test = min(cfg.eval_samples, len(x) // 5) if len(x) >= 10 else 0
-        data = standardise(x[perm[n_test:]], None, None, x[perm[:n_test]] if n_test else x)
+        if x.dtype == torch.uint8:
+            data = Data(x=x, kind="image", recipe="image")
+        else:
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+            n_test = min(cfg.eval_samples, len(x) // 5) if len(x) >= 10 else 0
+            data = standardise(x[perm[n_test:]], None, None, x[perm[:n_test]] if n_test else x)
+    elif os.path.isdir(name):
+        data = Data(files=list_images(name), resolution=res or 64, kind="image", recipe="image", flip=True)
     else:
-        raise UsageError(f"unknown dataset {name!r}: use 8gaussians or a path to an N x D .npy file")
+        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, digits, cifar10, a folder of images, "
+                         f"or a .npy file (N x D floats or N x H x W x C uint8)")
+    if data.kind == "image" and min(data.shape()[1:]) % 8:
+        raise UsageError(f"image side {data.shape()[1:]} must be a multiple of 8 for the UNet")
     if cfg.cond and data.y is None:
         raise UsageError(f"--cond needs class labels, and {name} has none")
     if not cfg.cond:
@@ -594,25 +778,86 @@ def load_data(cfg):
 
 
 def check_batch_size(batch_size, data):
-    if batch_size > len(data.x):
-        raise UsageError(f"--batch-size {batch_size} is larger than the data set ({len(data.x)} points)")
+    if batch_size > len(data):
+        raise UsageError(f"--batch-size {batch_size} is larger than the data set ({len(data)} points)")
 
 
-def batches(data, batch_size, device):
-    """Endless shuffled batches (drop-last epochs) of an in-memory data set, on device."""
-    x = data.x.to(device)
-    y = None if data.y is None else data.y.to(device)
-    while True:
-        perm = torch.randperm(len(x), device=device)
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
-            yield x[idx], None if y is None else y[idx]
+class BatchIndices(torch.utils.data.Sampler):
+    """Batch k is a fixed function of (seed, k): a run resumed at update k sees the same data."""
+
+    def __init__(self, n, batch_size, seed, start=0):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+
+    def __iter__(self):
+        per_epoch, k, epoch, perm = self.n // self.batch_size, self.start, None, None
+        while True:
+            e, i = divmod(k, per_epoch)
+            if e != epoch:
+                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
+            yield perm[i * self.batch_size:(i + 1) * self.batch_size]
+            k += 1
+
+
+def batches(data, batch_size, device, seed=0, start=0, workers=2):
+    """Endless batches in network coordinates (images in [-1, 1], randomly flipped where asked)."""
+    indices = BatchIndices(len(data), batch_size, seed, start)
+    if data.files is not None:
+        loader = torch.utils.data.DataLoader(ImageFiles(data.files, data.resolution), batch_sampler=indices,
+                                             num_workers=workers, pin_memory=device.type == "cuda",
+                                             persistent_workers=workers > 0)
+        source = ((x.to(device, non_blocking=True), None) for x, _ in loader)
+    else:
+        x = data.x.to(device)
+        y = None if data.y is None else data.y.to(device)
+        source = ((x[idx.to(device)], None if y is None else y[idx.to(device)]) for idx in indices)
+    for xb, yb in source:
+        if xb.dtype == torch.uint8:
+            xb = xb.float() / 127.5 - 1
+        if data.flip:
+            xb = torch.where(torch.rand(len(xb), 1, 1, 1, device=device) < 0.5, xb.flip(-1), xb)
+        yield xb, yb
+
+
+# =============================================================================
+# Networks for data, checkpoints
+# =============================================================================
+
+def default_channel_mult(resolution):
+    return {8: (1, 2), 16: (1, 2, 2)}.get(resolution, (1, 2, 2, 2))
 
 
 def default_field_spec(data, cfg):
+    """The network a teacher of this data gets: the MLP for low-dim data, the UNet for images."""
     if data.kind == "lowdim":
-        return dict(type="mlp", dim=data.x.shape[1], hidden=cfg.hidden, num_classes=data.num_classes)
-    raise UsageError(f"no default network for data of kind {data.kind}")
+        return dict(type="mlp", dim=data.shape()[0], hidden=cfg.hidden, num_classes=data.num_classes)
+    c, res = data.shape()[0], data.shape()[1]
+    return dict(type="unet", in_channels=c, image_size=res, channels=cfg.channels,
+                channel_mult=list(cfg.channel_mult or default_channel_mult(res)),
+                num_res_blocks=cfg.num_res_blocks, attention_resolutions=list(cfg.attention_resolutions),
+                num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels, dropout=cfg.dropout,
+                num_classes=data.num_classes)
+
+
+def infer_unet_spec(sd, image_size, num_heads=4, num_head_channels=64):
+    """The UNet configuration of a torchcfm-style state dict (heads cannot be read off the weights)."""
+    channels = sd["time_embed.0.weight"].shape[1]
+    mult, blocks_per_level, attention_ds, ds, i = [], [0], set(), 1, 1
+    while f"input_blocks.{i}.0.op.weight" in sd or f"input_blocks.{i}.0.in_layers.2.weight" in sd:
+        if f"input_blocks.{i}.0.op.weight" in sd:
+            ds, blocks_per_level = ds * 2, blocks_per_level + [0]
+        else:
+            out = sd[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0]
+            if blocks_per_level[-1] == 0:
+                mult.append(out // channels)
+            blocks_per_level[-1] += 1
+            if f"input_blocks.{i}.1.qkv.weight" in sd:
+                attention_ds.add(ds)
+        i += 1
+    return dict(type="unet", in_channels=sd["input_blocks.0.0.weight"].shape[1], image_size=image_size,
+                channels=channels, channel_mult=mult, num_res_blocks=blocks_per_level[0],
+                attention_resolutions=sorted(image_size // d for d in attention_ds), num_heads=num_heads,
+                num_head_channels=num_head_channels, dropout=0.0,
+                num_classes=sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None)
 
 
 def config_dict(cfg):
@@ -626,6 +871,28 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+def checkpoints_in(folder):
+    names = [f for f in os.listdir(folder) if f.startswith("checkpoint-") and f.endswith(".pt")]
+    return [os.path.join(folder, f) for f in sorted(names)]
+
+
+def save_rotating(obj, out, step, keep):
+    """checkpoint-<step>.pt, keeping the newest `keep`."""
+    save_checkpoint(obj, os.path.join(out, f"checkpoint-{step:08d}.pt"))
+    for old in checkpoints_in(out)[:-keep]:
+        os.remove(old)
+
+
+def latest_checkpoint(path):
+    """A checkpoint file as given, or the newest checkpoint-*.pt of an output folder."""
+    if os.path.isdir(path):
+        found = checkpoints_in(path)
+        if not found:
+            raise UsageError(f"the folder {path} holds no checkpoint-*.pt to resume from")
+        return found[-1]
+    return path
+
+
 def load_checkpoint(path, what="checkpoint"):
     """Checkpoints are plain containers of tensors: loaded with weights_only=True, never unpickled."""
     if not os.path.isfile(path):
@@ -637,9 +904,17 @@ def load_checkpoint(path, what="checkpoint"):
         raise UsageError(f"{what} {path} could not be read as a weights-only PyTorch file ({first})") from None
 
 
+def strip_prefixes(sd):
+    """DataParallel's "module." and torch.compile's "_orig_mod." wrappers, if every key has one."""
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def load_state(net, state_dict, what):
     """Strict load with a one-line account of missing / unexpected / mis-shaped keys."""
-    own = net.state_dict()
+    state_dict, own = strip_prefixes(state_dict), net.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -655,39 +930,56 @@ def load_state(net, state_dict, what):
     return net
 
 
-def pick_weights(ckpt, ema=None):
-    """The field weights of a teacher or distilled checkpoint: the chosen EMA, else the first EMA."""
-    emas = ckpt.get("ema") or {}
-    if ema is not None:
-        key = next((k for k in emas if float(k) == float(ema)), None)
-        if key is None:
-            raise UsageError(f"no EMA {ema} in the checkpoint; it holds {sorted(emas) or 'none'}")
-        return emas[key]
-    if emas:
-        return emas[sorted(emas, key=float)[0]]
-    return ckpt["net"] if "net" in ckpt else ckpt["generator"]
+def pick_ema(emas, ema, what):
+    """The weights of EMA decay `ema` (keys are decays as strings); None picks the smallest decay."""
+    if ema is None:
+        return emas[min(emas, key=float)]
+    key = next((k for k in emas if float(k) == float(ema)), None)
+    if key is None:
+        raise UsageError(f"{what} holds no EMA {ema}; it has {', '.join(sorted(emas, key=float)) or 'none'}")
+    return emas[key]
 
 
-def load_field(path, what="teacher", ema=None):
-    """(network, checkpoint) from one of this project's checkpoints."""
+def read_field_checkpoint(path, what="teacher", ema=None, image_size=None, num_heads=4, num_head_channels=64):
+    """(network spec, weights, checkpoint) from this project's files, torchcfm's or the official RealUID's.
+
+    Ours: 'field' (spec) with 'net' / 'generator' and 'ema'. torchcfm: 'net_model' and 'ema_model'.
+    Official RealUID: 'net_model' and 'ema_models' keyed by the decay as a string.
+    """
     ckpt = load_checkpoint(path, what)
-    if not isinstance(ckpt, dict) or "field" not in ckpt:
-        raise UsageError(f"{what} {path} is not a realuid checkpoint (no 'field' entry)")
-    net = build_field(ckpt["field"])
-    return load_state(net, pick_weights(ckpt, ema), f"{what} {path}"), ckpt
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{what} {path} is not a checkpoint dictionary")
+    if "field" in ckpt:
+        if ckpt.get("ema") and (ema is not None or "net" in ckpt):
+            return ckpt["field"], pick_ema(ckpt["ema"], ema, f"{what} {path}"), ckpt
+        return ckpt["field"], ckpt["net"] if "net" in ckpt else ckpt["generator"], ckpt
+    if "net_model" in ckpt:
+        if "ema_models" in ckpt:
+            sd = pick_ema(ckpt["ema_models"], ema, f"{what} {path}")
+        elif ema is not None:
+            raise UsageError(f"{what} {path} is a torchcfm checkpoint with one EMA; drop --teacher-ema")
+        else:
+            sd = ckpt.get("ema_model", ckpt["net_model"])
+        sd = strip_prefixes(sd)
+        if image_size is None:
+            raise UsageError(f"{what} {path} does not record its image size; it needs image data")
+        spec = infer_unet_spec(sd, image_size, num_heads, num_head_channels)
+        return spec, sd, dict(field=spec, data=dict(kind="image", num_classes=spec["num_classes"],
+                                                     shape=[spec["in_channels"], image_size, image_size]))
+    raise UsageError(f"{what} {path} is neither a realuid, a torchcfm nor an official RealUID checkpoint")
 
 
-def save_distilled(state, path, data_info, field_spec):
-    save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(state.cfg),
-                         data=data_info, field=field_spec, **state.state_dict()), path)
+def load_field(path, what="teacher", ema=None, **kw):
+    """(network with its weights loaded strictly, checkpoint)."""
+    spec, sd, ckpt = read_field_checkpoint(path, what, ema, **kw)
+    return load_state(build_field(spec), sd, f"{what} {path}"), ckpt
 
 
 def check_teacher_matches(ckpt, data, path):
-    want = data.info("")
     have = ckpt.get("data") or {}
-    if have.get("shape") != want["shape"]:
+    if have.get("shape") != data.shape():
         raise UsageError(f"teacher {path} was trained on data of shape {have.get('shape')}, "
-                         f"but this data has shape {want['shape']}")
+                         f"but this data has shape {data.shape()}")
     if (have.get("num_classes") is None) != (data.num_classes is None):
         raise UsageError(f"teacher {path} is {'un' if have.get('num_classes') is None else ''}conditional; "
                          f"{'drop' if data.num_classes is None else 'add'} --cond or use another teacher")
@@ -697,30 +989,30 @@ def check_teacher_matches(ckpt, data, path):
 # Main: the CLI, generated from Config; parsing happens only here
 # =============================================================================
 
-def parser_from_dataclass(cls, description, fields=None):
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser_from_dataclass(cls, description):
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        if fields is not None and f.name not in fields:
-            continue
         flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
         helptext = f"{meta.pop('help', '')} (default: {f.default})"
         if isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", help=helptext)
         elif isinstance(f.default, tuple):
-            p.add_argument(flag, type=float, help=helptext, **meta)
+            p.add_argument(flag, help=helptext, nargs=meta.pop("nargs", "+"), type=meta.pop("type", float), **meta)
         else:
-            p.add_argument(flag, type=type(f.default), help=helptext, **meta)
+            p.add_argument(flag, type=meta.pop("type", type(f.default)), help=helptext, **meta)
     return p
 
 
-def make_config(cls, user, data_kind, recipe):
-    """Dataclass defaults (the paper's recipe) < the recipe for this kind of data < the user's flags."""
-    values = dict(recipe if data_kind == "lowdim" else {})
+def make_config(cls, user, *recipes):
+    """Dataclass defaults (the paper's recipe) < the recipes, in order < the user's flags."""
+    values = {}
+    for recipe in recipes:
+        values.update(recipe)
     values.update(user)
-    if "ema" in values:
-        values["ema"] = tuple(values["ema"])
-    return cls(**values)
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default, tuple) and f.name in values:
+            values[f.name] = tuple(values[f.name])
+    return cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
 def fail(prog, e):
@@ -733,19 +1025,27 @@ def prepare_teacher(cfg, data, out, device):
     path = cfg.teacher
     if not path:
         if data.kind != "lowdim":
-            raise UsageError("image data needs --teacher PATH (train one with teacher.py)")
+            raise UsageError(f"{cfg.dataset} needs --teacher PATH (train one with: python teacher.py "
+                             f"--dataset {cfg.dataset})")
         path = os.path.join(out, "teacher.pt")
         cached = os.path.isfile(path) and load_checkpoint(path).get("data") == data.info(cfg.dataset)
         if not cached:
             import teacher as teacher_py
             tcfg = make_config(teacher_py.TeacherConfig, dict(
                 dataset=cfg.dataset, cond=cfg.cond, steps=cfg.teacher_steps, hidden=cfg.hidden,
-                seed=cfg.seed, eval_samples=cfg.eval_samples), data.kind, teacher_py.TEACHER_LOWDIM_RECIPE)
+                seed=cfg.seed, eval_samples=cfg.eval_samples), teacher_py.TEACHER_RECIPES[data.recipe])
             print(f"no --teacher: training one on the spot ({tcfg.steps} updates), cached as {path}")
             teacher_py.train_teacher(tcfg, data, device, path)
-    net, ckpt = load_field(path, "teacher")
+    res = data.shape()[-1] if data.kind == "image" else None
+    net, ckpt = load_field(path, "teacher", cfg.teacher_ema, image_size=res, num_heads=cfg.num_heads,
+                           num_head_channels=cfg.num_head_channels)
     check_teacher_matches(ckpt, data, path)
     return net.to(device), ckpt
+
+
+def no_dropout(spec):
+    # The generator and the fake model train without dropout (App. D), whatever the teacher used.
+    return {**spec, "dropout": 0.0} if spec.get("type") == "unet" else dict(spec)
 
 
 def main(argv=None):
@@ -753,30 +1053,52 @@ def main(argv=None):
                                       "generator (Kornilov et al., ICLR 2026).")
     user = vars(p.parse_args(argv))
     try:
-        cfg = Config(**{k: v for k, v in user.items() if k in ("dataset", "cond", "seed", "eval_samples")})
+        resume = None
+        if user.get("resume"):
+            path = latest_checkpoint(user["resume"])
+            resume = load_checkpoint(path, "checkpoint to resume")
+            if resume.get("kind") != "generator":
+                raise UsageError(f"{path} is not a realuid.py checkpoint and cannot be resumed")
+            saved = {k: v for k, v in resume["config"].items() if k not in RESUMABLE}
+            user = {**saved, "init_generator": "", "out": os.path.dirname(os.path.abspath(path)),
+                    **{k: v for k, v in user.items() if k in RESUMABLE}}
+        cfg = make_config(Config, {k: v for k, v in user.items() if k in DATA_FIELDS})
         data = load_data(cfg)
-        cfg = make_config(Config, user, data.kind, LOWDIM_RECIPE)
+        cfg = make_config(Config, user, RECIPES[data.recipe],
+                          FINETUNE_RECIPE if user.get("init_generator") else {})
         check_config(cfg)
         check_batch_size(cfg.batch_size, data)
         device = resolve_device(cfg.device)
-        out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset))[0])
+        out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset.rstrip("/")))[0])
         os.makedirs(out, exist_ok=True)
         torch.manual_seed(cfg.seed)
         teacher, teacher_ckpt = prepare_teacher(cfg, data, out, device)
-        spec = teacher_ckpt["field"]
-        g = copy.deepcopy(teacher).requires_grad_(True)  # G_theta starts as the teacher's one Euler step
+        spec = no_dropout(teacher_ckpt["field"])
+        g = load_state(build_field(spec), teacher.state_dict(), "teacher")  # G_theta starts as u*'s one Euler step
+        if cfg.init_generator:  # fine-tuning (App. D.2): G from a distilled EMA, the fake model from u*
+            _, sd, _ = read_field_checkpoint(cfg.init_generator, "--init-generator", cfg.init_ema)
+            load_state(g, sd, f"--init-generator {cfg.init_generator}")
         torch.manual_seed(cfg.seed + 1)
-        fake = copy.deepcopy(teacher).requires_grad_(True) if cfg.fake_init == "teacher" else build_field(spec)
-        state = RealUID(cfg, teacher, fake.to(device), g)
+        fake = build_field(spec)
+        if cfg.fake_init == "teacher" or cfg.init_generator:
+            fake.load_state_dict(teacher.state_dict())
+        state = RealUID(cfg, teacher, fake.to(device), g.to(device))
+        if resume is not None:
+            state.load_state_dict(resume)
     except UsageError as e:
         return fail("realuid.py", e)
     with open(os.path.join(out, "arguments.json"), "w") as f:
         json.dump(config_dict(cfg), f, indent=2)
-    print(f"realuid: {cfg.dataset} ({len(data.x)} points), alpha={cfg.alpha} beta={cfg.beta} K={cfg.K}, "
-          f"{cfg.steps} updates on {device}, {count_parameters(g)} generator parameters -> {out}")
+    print(f"realuid: {cfg.dataset} ({len(data)} items), alpha={cfg.alpha} beta={cfg.beta} K={cfg.K}, "
+          f"updates {state.step}..{cfg.steps} on {device}, {count_parameters(g)} generator parameters -> {out}")
     t0 = time.time()
-    distill(state, batches(data, cfg.batch_size, device), out, data.info(cfg.dataset), spec)
-    print(f"distillation took {time.time() - t0:.0f} s; checkpoint {os.path.join(out, 'checkpoint.pt')}")
+    grids = grid_writer(out, data.shape(), data.num_classes, device) if data.kind == "image" else None
+    try:
+        distill(state, batches(data, cfg.batch_size, device, cfg.seed, state.step, cfg.workers), out,
+                dict(data=data.info(cfg.dataset), field=spec), grids)
+    except UsageError as e:
+        return fail("realuid.py", e)
+    print(f"distillation took {time.time() - t0:.0f} s; checkpoints in {out}")
     if data.kind == "lowdim":
         import eval as eval_py
         eval_py.report_lowdim(state, data, out, device, cfg.seed)

@@ -436,11 +436,11 @@ def test_distillation_on_2d_beats_the_teachers_one_step(toy_run):
 
 
 def test_checkpoints_reload_and_sample(toy_run, tmp_path):
-    ckpt = torch.load(toy_run / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(R.latest_checkpoint(str(toy_run)), weights_only=True)
     assert ckpt["kind"] == "generator" and ckpt["step"] == 1500 and set(ckpt["ema"]) == {"0.95", "0.99", "0.995"}
     assert ckpt["config"]["alpha"] == 0.92 and ckpt["data"]["shape"] == [2]
     out = tmp_path / "s.npy"
-    assert eval_py.main(["sample", str(toy_run / "checkpoint.pt"), "--n", "3000", "--out", str(out),
+    assert eval_py.main(["sample", str(toy_run), "--n", "3000", "--out", str(out),
                          "--ema", "0.995"]) == 0
     x = np.load(out)
     assert x.shape == (3000, 2)
@@ -498,8 +498,8 @@ def test_cli_refuses_missing_and_mismatched_checkpoints(capsys, tmp_path, toy_ru
     assert "could not be read" in err
     err = error_of(eval_py.main, ["sample", str(tmp_path / "nope.pt")], capsys)
     assert "does not exist" in err
-    err = error_of(eval_py.main, ["sample", str(toy_run / "checkpoint.pt"), "--ema", "0.5"], capsys)
-    assert "no EMA 0.5" in err
+    err = error_of(eval_py.main, ["sample", str(toy_run), "--ema", "0.5"], capsys)
+    assert "holds no EMA 0.5" in err
 
 
 @pytest.mark.parametrize("array,message", [
