@@ -533,3 +533,228 @@ def test_import_is_cheap_and_silent_and_bad_input_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "realuid.py", "--alpha", "2"], cwd=HERE, capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and "alpha" in out.stderr
+
+
+# =============================================================================
+# Image data: a stand-in CIFAR-10 on disk, image folders, uint8 arrays, digits
+# =============================================================================
+
+TINY_UNET = ["--channels", "32", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--attention-resolutions",
+             "16", "--num-head-channels", "32", "--dropout", "0", "--sample-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    """40 random images in torchvision's on-disk CIFAR-10 format (pickled batches, 3072 uint8 per row)."""
+    import pickle
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, 8))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return root
+
+
+def test_cifar10_loads_torchvisions_format_pixel_for_pixel(cifar_root):
+    import pickle
+    x, y = R.load_cifar10(str(cifar_root))
+    with open(cifar_root / "cifar-10-batches-py" / "data_batch_2", "rb") as f:
+        batch = pickle.load(f)
+    assert x.shape == (40, 3, 32, 32) and x.dtype == torch.uint8 and y.shape == (40,)
+    # row i of the pickled batch is channel-major 3 x 32 x 32
+    assert torch.equal(x[8], torch.from_numpy(batch["data"][0].reshape(3, 32, 32)))
+    assert y[8].item() == batch["labels"][0]
+    data = R.load_data(R.Config(dataset="cifar10", data_root=str(cifar_root)))
+    assert data.flip and data.kind == "image" and data.shape() == [3, 32, 32]
+    xb, _ = next(R.batches(data, 16, torch.device("cpu")))
+    assert xb.min() >= -1 and xb.max() <= 1 and xb.dtype == torch.float32
+
+
+def test_cifar10_missing_names_the_folder(tmp_path, monkeypatch, capsys):
+    from torchvision import datasets
+
+    def offline(self):
+        raise OSError("no network")
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    err = error_of(R.main, ["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], capsys)
+    assert "cifar-10-batches-py" in err and str(tmp_path / "nowhere") in err
+
+
+def test_teacher_and_distillation_on_stand_in_cifar10_conditional(cifar_root, tmp_path):
+    out = tmp_path / "t"
+    assert teacher_py.main(["--dataset", "cifar10", "--data-root", str(cifar_root), "--cond", "--steps", "3",
+                            "--batch-size", "8", "--warmup", "1", "--out", str(out)] + TINY_UNET) == 0
+    ckpt = torch.load(out / "teacher.pt", weights_only=True)
+    assert ckpt["field"]["type"] == "unet" and ckpt["field"]["num_classes"] == 10
+    assert (out / "teacher-samples.png").exists()
+    run = tmp_path / "d"
+    assert R.main(["--dataset", "cifar10", "--data-root", str(cifar_root), "--cond", "--teacher",
+                   str(out / "teacher.pt"), "--steps", "6", "--K", "2", "--batch-size", "8", "--sample-every", "3",
+                   "--out", str(run)]) == 0
+    final = torch.load(R.latest_checkpoint(str(run)), weights_only=True)
+    assert final["step"] == 6 and final["field"]["dropout"] == 0.0  # no dropout in G and the fake model
+    assert json.load(open(run / "arguments.json"))["lr"] == 3e-5  # image data: the paper's recipe
+    grids = sorted(os.listdir(run / "samples"))
+    assert "generator-0000003.png" in grids and "ema0.9999-0000006.png" in grids
+
+
+def test_image_folder_and_uint8_npy(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "faces" / "sub"
+    folder.mkdir(parents=True)
+    for i, size in enumerate([(40, 30), (20, 20), (64, 48)] * 4):
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    data = R.load_data(R.Config(dataset=str(tmp_path / "faces"), resolution=16))
+    assert len(data) == 12 and data.shape() == [3, 16, 16] and data.flip
+    xb, _ = next(R.batches(data, 4, torch.device("cpu"), workers=0))
+    assert xb.shape == (4, 3, 16, 16) and -1 <= xb.min() and xb.max() <= 1
+    out = tmp_path / "t"
+    assert teacher_py.main(["--dataset", str(tmp_path / "faces"), "--resolution", "16", "--steps", "2",
+                            "--batch-size", "4", "--workers", "0", "--out", str(out)] + TINY_UNET) == 0
+    assert R.main(["--dataset", str(tmp_path / "faces"), "--resolution", "16", "--teacher", str(out / "teacher.pt"),
+                   "--steps", "3", "--K", "2", "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "d")]) == 0
+    # N x H x W x C uint8 arrays are images too; a single channel stays single
+    np.save(tmp_path / "gray.npy", rng.integers(0, 256, (10, 8, 8, 1), dtype=np.uint8))
+    data = R.load_data(R.Config(dataset=str(tmp_path / "gray.npy")))
+    assert data.kind == "image" and data.shape() == [1, 8, 8]
+
+
+def test_digits_ship_with_scikit_learn():
+    data = R.load_data(R.Config(dataset="digits", cond=True))
+    assert len(data) == 1797 and data.shape() == [1, 16, 16] and data.num_classes == 10 and not data.flip
+    assert R.load_data(R.Config(dataset="digits", resolution=32)).shape() == [1, 32, 32]
+    # the upsampled zero and one differ where an 8x8 zero and one differ: the strokes survive
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    assert (data.x[d.target == 0].float().mean(0)[0, 7:9, 7:9].mean()
+            < data.x[d.target == 1].float().mean(0)[0, 7:9, 7:9].mean())
+
+
+def test_empty_folder_and_wrong_resolution_teacher_are_refused(tmp_path, capsys, cifar_root):
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in error_of(R.main, ["--dataset", str(tmp_path / "empty")], capsys)
+    out = tmp_path / "t"
+    assert teacher_py.main(["--dataset", "digits", "--steps", "1", "--batch-size", "4", "--out", str(out)]
+                           + TINY_UNET) == 0
+    err = error_of(R.main, ["--dataset", "cifar10", "--data-root", str(cifar_root), "--teacher",
+                            str(out / "teacher.pt"), "--batch-size", "8", "--out", str(tmp_path / "d")], capsys)
+    assert "[1, 16, 16]" in err and "[3, 32, 32]" in err
+    assert "needs --teacher" in error_of(R.main, ["--dataset", "digits", "--out", str(tmp_path / "d")], capsys)
+
+
+# =============================================================================
+# Teacher files of torchcfm and of the official RealUID code
+# =============================================================================
+
+def test_torchcfm_and_official_teacher_files_load_and_agree(tmp_path, capsys):
+    theirs = randomise_(torchcfm_unet(16, 32, (1, 2), 1, (8,), 4, 16, 10), seed=1).eval()
+    other = randomise_(torchcfm_unet(16, 32, (1, 2), 1, (8,), 4, 16, 10), seed=2).eval()
+    wrapped = {"module." + k: v for k, v in theirs.state_dict().items()}  # trained under DataParallel
+    torch.save({"net_model": other.state_dict(), "ema_model": wrapped, "step": 3}, tmp_path / "cfm.pt")
+    torch.save({"net_model": other.state_dict(), "ema_models": {"0.999": other.state_dict(),
+                                                                 "0.9999": theirs.state_dict()}}, tmp_path / "off.pt")
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([3, 7])
+    with torch.no_grad():
+        want = theirs(t, x, y=y)
+        for path, ema in (("cfm.pt", None), ("off.pt", 0.9999)):
+            net, ckpt = R.load_field(str(tmp_path / path), "teacher", ema, image_size=16, num_head_channels=16)
+            torch.testing.assert_close(net.eval()(t, x, y), want, rtol=1e-4, atol=1e-4)
+    assert ckpt["field"]["channel_mult"] == [1, 2] and ckpt["field"]["attention_resolutions"] == [8]
+    spec = R.infer_unet_spec(torchcfm_unet(32, 128, (1, 2, 2, 2), 2, (16,), 4, 64, None).state_dict(), 32)
+    assert spec == dict(type="unet", in_channels=3, image_size=32, channels=128, channel_mult=[1, 2, 2, 2],
+                        num_res_blocks=2, attention_resolutions=[16], num_heads=4, num_head_channels=64,
+                        dropout=0.0, num_classes=None)
+    with pytest.raises(R.UsageError, match="holds no EMA 0.5; it has 0.999, 0.9999"):
+        R.load_field(str(tmp_path / "off.pt"), "teacher", 0.5, image_size=16)
+    broken = {k: v for k, v in theirs.state_dict().items() if k != "out.2.bias"}
+    broken["extra"] = torch.zeros(1)
+    torch.save({"net_model": broken}, tmp_path / "broken.pt")
+    with pytest.raises(R.UsageError, match="missing out.2.bias; unexpected extra"):
+        R.load_field(str(tmp_path / "broken.pt"), "teacher", image_size=16, num_head_channels=16)
+
+
+# =============================================================================
+# Resume and fine-tuning
+# =============================================================================
+
+def weights_of(path):
+    ckpt = torch.load(R.latest_checkpoint(str(path)), weights_only=True)
+    return {"generator": ckpt["generator"], "fake": ckpt["fake"], **{f"ema{k}": v for k, v in ckpt["ema"].items()},
+            "step": ckpt["step"]}
+
+
+def assert_same_weights(a, b):
+    assert a["step"] == b["step"]
+    for name in a:
+        if name != "step":
+            assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+
+
+def test_resume_continues_exactly(cifar_root, tmp_path):
+    # images with random flips, so the data order and the RNG state both have to come back
+    teacher = tmp_path / "t"
+    assert teacher_py.main(["--dataset", "cifar10", "--data-root", str(cifar_root), "--steps", "2",
+                            "--batch-size", "8", "--out", str(teacher)] + TINY_UNET) == 0
+    common = ["--dataset", "cifar10", "--data-root", str(cifar_root), "--teacher", str(teacher / "teacher.pt"),
+              "--K", "2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--sample-every", "100"]
+    assert R.main(common + ["--steps", "12", "--out", str(tmp_path / "one")]) == 0
+    assert R.main(common + ["--steps", "7", "--out", str(tmp_path / "two")]) == 0
+    assert R.main(["--resume", str(tmp_path / "two"), "--steps", "12"]) == 0
+    assert_same_weights(weights_of(tmp_path / "one"), weights_of(tmp_path / "two"))
+    assert weights_of(tmp_path / "two")["step"] == 12
+    # a resumed run appends to the metrics of the first part
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "two" / "metrics.jsonl")]
+    assert steps == sorted(steps) and steps[-1] == 12
+
+
+def test_checkpoints_rotate_atomically(tmp_path, toy_run):
+    for step in (10, 20, 30, 40, 50):
+        R.save_rotating({"step": torch.tensor(step)}, str(tmp_path), step, keep=3)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000030.pt", "checkpoint-00000040.pt",
+                                            "checkpoint-00000050.pt"]  # no temporary files left
+    assert R.latest_checkpoint(str(tmp_path)).endswith("checkpoint-00000050.pt")
+    # the toy run (1500 updates, a save every 2000) saved its final state only
+    assert [f for f in os.listdir(toy_run) if f.startswith("checkpoint")] == ["checkpoint-00001500.pt"]
+
+
+def test_fine_tuning_starts_from_the_distilled_ema_and_the_teacher(toy_run, tmp_path):
+    first = R.latest_checkpoint(str(toy_run))
+    out = tmp_path / "ft"
+    assert R.main(["--teacher", str(toy_run / "teacher.pt"), "--init-generator", first, "--init-ema", "0.99",
+                   "--alpha", "0.92", "--beta", "0.86", "--steps", "1", "--out", str(out)]) == 0
+    args = json.load(open(out / "arguments.json"))
+    assert args["lr"] == 1e-5 and args["warmup"] == 0  # App. D.2 defaults
+    ckpt = torch.load(R.latest_checkpoint(str(out)), weights_only=True)
+    start = torch.load(first, weights_only=True)["ema"]["0.99"]
+    teacher = torch.load(toy_run / "teacher.pt", weights_only=True)["ema"]["0.999"]
+    # one fake update happened; the generator has not been updated yet: it is the EMA it started from
+    assert all(torch.equal(ckpt["generator"][k], start[k]) for k in start)
+    for decay in ("0.95", "0.99", "0.995"):
+        assert all(torch.equal(ckpt["ema"][decay][k], start[k]) for k in start)
+    # the fake model is one Adam step of lr 1e-5 away from the teacher (the first Adam step moves
+    # every weight by at most lr), so it started from the teacher, not from a random network
+    moved = max((ckpt["fake"][k] - teacher[k]).abs().max().item() for k in teacher)
+    assert 0 < moved <= 1.01e-5
+
+
+def test_sample_images_npz_folder_and_grid(cifar_root, tmp_path):
+    out = tmp_path / "t"
+    assert teacher_py.main(["--dataset", "cifar10", "--data-root", str(cifar_root), "--cond", "--steps", "1",
+                            "--batch-size", "8", "--out", str(out)] + TINY_UNET) == 0
+    assert R.main(["--dataset", "cifar10", "--data-root", str(cifar_root), "--cond", "--teacher",
+                   str(out / "teacher.pt"), "--steps", "3", "--batch-size", "8", "--out", str(tmp_path / "d")]) == 0
+    assert eval_py.main(["sample", str(tmp_path / "d"), "--n", "25", "--out", str(tmp_path / "s.npz")]) == 0
+    z = np.load(tmp_path / "s.npz")
+    assert z["images"].shape == (25, 32, 32, 3) and z["images"].dtype == np.uint8
+    assert list(z["labels"][:12]) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert eval_py.main(["sample", str(out / "teacher.pt"), "--n", "3", "--steps", "4",
+                         "--out", str(tmp_path / "pngs")]) == 0
+    assert sorted(os.listdir(tmp_path / "pngs")) == ["000000.png", "000001.png", "000002.png"]
