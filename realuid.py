@@ -64,7 +64,7 @@ class Config:
     lr: float = opt(3e-5, "Adam learning rate of both networks")
     batch_size: int = opt(256, "batch size (generated and real halves each)")
     steps: int = opt(500_000, "gradient updates in all, fake and generator (K:1)")
-    warmup: int = opt(500, "linear learning-rate warm-up, in updates")
+    warmup: int = opt(500, "linear learning-rate warm-up, in each network's own updates (as the official code)")
     ema: tuple = opt((0.999, 0.9996, 0.9999), "EMA decays of the generator")
     grad_clip: float = opt(1.0, "gradient-norm clipping of both networks")
     teacher: str = opt("", "teacher checkpoint: teacher.py's, torchcfm's or the official RealUID's "
@@ -965,7 +965,7 @@ def read_field_checkpoint(path, what="teacher", ema=None, image_size=None, num_h
             sd = ckpt.get("ema_model", ckpt["net_model"])
         sd = strip_prefixes(sd)
         if image_size is None:
-            raise UsageError(f"{what} {path} does not record its image size; it needs image data")
+            raise UsageError(f"{what} {path} does not record its image size (eval.py: pass --resolution)")
         spec = infer_unet_spec(sd, image_size, num_heads, num_head_channels)
         return spec, sd, dict(field=spec, data=dict(kind="image", num_classes=spec["num_classes"],
                                                      shape=[spec["in_channels"], image_size, image_size]))

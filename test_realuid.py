@@ -526,6 +526,16 @@ def test_cli_refuses_other_bad_input(capsys, tmp_path):
     assert "--ema" in error_of(R.main, ["--ema", "1.5", "--out", str(tmp_path)], capsys)
 
 
+def test_tensorboard_logs_or_says_what_is_missing(tmp_path, capsys):
+    import importlib.util
+    assert teacher_py.main(["--steps", "5", "--out", str(tmp_path)]) == 0
+    argv = ["--teacher", str(tmp_path / "teacher.pt"), "--steps", "2", "--tensorboard", "--out", str(tmp_path)]
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "pip install tensorboard" in error_of(R.main, argv, capsys)
+    else:
+        assert R.main(argv) == 0 and os.listdir(tmp_path / "tensorboard")
+
+
 def test_import_is_cheap_and_silent_and_bad_input_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['x', '--bogus']; import realuid"],
                          cwd=HERE, capture_output=True, text=True)
@@ -619,7 +629,7 @@ def test_image_folder_and_uint8_npy(tmp_path):
     assert teacher_py.main(["--dataset", str(tmp_path / "faces"), "--resolution", "16", "--steps", "2",
                             "--batch-size", "4", "--workers", "0", "--out", str(out)] + TINY_UNET) == 0
     assert R.main(["--dataset", str(tmp_path / "faces"), "--resolution", "16", "--teacher", str(out / "teacher.pt"),
-                   "--steps", "3", "--K", "2", "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "d")]) == 0
+                   "--steps", "3", "--K", "2", "--batch-size", "4", "--workers", "2", "--out", str(tmp_path / "d")]) == 0
     # N x H x W x C uint8 arrays are images too; a single channel stays single
     np.save(tmp_path / "gray.npy", rng.integers(0, 256, (10, 8, 8, 1), dtype=np.uint8))
     data = R.load_data(R.Config(dataset=str(tmp_path / "gray.npy")))
