@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -529,16 +530,22 @@ def distill(state, batches, out=None, meta=None, sample_fn=None):
     """The loop: K fake updates, then one generator update, until cfg.steps updates in all.
 
     meta (data info and field spec) goes into every checkpoint; sample_fn(state, step) writes grids.
+    Ctrl-C or SIGTERM stops at the next update boundary with a checkpoint; returns False then.
     """
     from tqdm import tqdm
     cfg = state.cfg
     log = open(os.path.join(out, "metrics.jsonl"), "a") if out else None
     writer = tensorboard_writer(out) if out and cfg.tensorboard else None
-    start, last = time.time(), {}
+    start, last, stop = time.time(), {}, []
     bar = tqdm(total=cfg.steps, initial=state.step, desc="RealUID", dynamic_ncols=True,
                disable=None, mininterval=1.0)
+
+    def save():
+        save_rotating(dict(version=VERSION, kind="generator", config=config_dict(cfg), **(meta or {}),
+                           **state.state_dict()), out, state.step, cfg.keep)
+    handlers = catch_signals(lambda *_: stop.append(True)) if out else {}
     try:
-        while state.step < cfg.steps:
+        while state.step < cfg.steps and not stop:
             x_real, y = next(batches)
             if state.step % (cfg.K + 1) < cfg.K:
                 last["fake_loss"], last["fake_grad"] = state.fake_step(x_real, y)
@@ -558,16 +565,25 @@ def distill(state, batches, out=None, meta=None, sample_fn=None):
                         writer.add_scalar(k, v, step)
             if sample_fn and (step % cfg.sample_every == 0 or step == cfg.steps):
                 sample_fn(state, step)
-            if out and (step % cfg.save_every == 0 or step == cfg.steps):
-                save_rotating(dict(version=VERSION, kind="generator", config=config_dict(cfg), **(meta or {}),
-                                   **state.state_dict()), out, step, cfg.keep)
+            if out and (step % cfg.save_every == 0 or step == cfg.steps or stop):
+                save()
     finally:
         bar.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if log:
             log.close()
         if writer:
             writer.close()
-    return state
+    return not stop
+
+
+def catch_signals(handler):
+    """Route SIGINT and SIGTERM to handler; returns the previous handlers (main thread only)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def tensorboard_writer(out):
@@ -1062,6 +1078,11 @@ def main(argv=None):
             resume = load_checkpoint(path, "checkpoint to resume")
             if resume.get("kind") != "generator":
                 raise UsageError(f"{path} is not a realuid.py checkpoint and cannot be resumed")
+            fixed = sorted(k for k in user if k not in RESUMABLE)
+            if fixed:
+                raise UsageError(f"--resume continues the saved configuration; only "
+                                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:-1])} may change "
+                                 f"(got --{fixed[0].replace('_', '-')})")
             saved = {k: v for k, v in resume["config"].items() if k not in RESUMABLE}
             user = {**saved, "init_generator": "", "out": os.path.dirname(os.path.abspath(path)),
                     **{k: v for k, v in user.items() if k in RESUMABLE}}
@@ -1097,10 +1118,13 @@ def main(argv=None):
     t0 = time.time()
     grids = grid_writer(out, data.shape(), data.num_classes, device) if data.kind == "image" else None
     try:
-        distill(state, batches(data, cfg.batch_size, device, cfg.seed, state.step, cfg.workers), out,
-                dict(data=data.info(cfg.dataset), field=spec), grids)
+        finished = distill(state, batches(data, cfg.batch_size, device, cfg.seed, state.step, cfg.workers), out,
+                           dict(data=data.info(cfg.dataset), field=spec), grids)
     except UsageError as e:
         return fail("realuid.py", e)
+    if not finished:
+        print(f"interrupted at update {state.step}: checkpoint saved; continue with --resume {out}")
+        return 130
     print(f"distillation took {time.time() - t0:.0f} s; checkpoints in {out}")
     if data.kind == "lowdim":
         import eval as eval_py

@@ -724,6 +724,28 @@ def test_resume_continues_exactly(cifar_root, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 12
 
 
+def test_ctrl_c_stops_at_an_update_boundary_with_a_checkpoint(tmp_path):
+    import signal
+    state, _ = tiny_state(steps=50)
+    data = R.batches(R.Data(x=torch.randn(100, 2)), 16, "cpu")
+
+    def interrupting():
+        for i, batch in enumerate(data):
+            if i == 4:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives during the fifth update
+            yield batch
+    before = signal.getsignal(signal.SIGINT)
+    assert R.distill(state, interrupting(), str(tmp_path)) is False
+    assert signal.getsignal(signal.SIGINT) is before
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000005.pt", "metrics.jsonl"]
+    assert torch.load(tmp_path / "checkpoint-00000005.pt", weights_only=True)["step"] == 5
+
+
+def test_resume_refuses_changed_settings(toy_run, capsys):
+    err = error_of(R.main, ["--resume", str(toy_run), "--alpha", "0.5"], capsys)
+    assert "--resume continues the saved configuration" in err and "--alpha" in err
+
+
 def test_checkpoints_rotate_atomically(tmp_path, toy_run):
     for step in (10, 20, 30, 40, 50):
         R.save_rotating({"step": torch.tensor(step)}, str(tmp_path), step, keep=3)
