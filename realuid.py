@@ -61,6 +61,12 @@ class Config:
     cond: bool = opt(False, "class-conditional generator, teacher and fake model")
     alpha: float = opt(0.92, "RealUM weight of generated data, in (0, 1] (eq. 16)")
     beta: float = opt(0.94, "RealUM weight of the generated target, in (0, 1] (eq. 16)")
+    gamma: float = opt(None, "General RealUID (Def. 3): weight of the quadratic term; default: plain RealUID",
+                       type=float)
+    parameterization: str = opt("standard", "General RealUID: delta = f* - f (standard) or beta (f* - f)",
+                                choices=("standard", "beta"))
+    alpha_sid: float = opt(None, "RealSiD (eq. 34): the generator loss's quadratic coefficient, 0.5 to 1.2",
+                           type=float)
     K: int = opt(5, "fake-model updates per generator update")
     lr: float = opt(3e-5, "Adam learning rate of both networks")
     batch_size: int = opt(256, "batch size (generated and real halves each)")
@@ -108,8 +114,19 @@ RESUMABLE = ("steps", "out", "device", "workers", "log_every", "save_every", "ke
              "tensorboard", "resume")
 
 
-def check_coefficients(alpha, beta):
-    """RealUM needs alpha, beta in (0, 1]; at alpha = 1 the real term vanishes, so beta = 1."""
+def check_coefficients(alpha, beta, gamma=None):
+    """RealUM needs alpha, beta in (0, 1]; at alpha = 1 the real term vanishes, so beta = 1.
+
+    General RealUID (A.2) maximises, at each x, -(gamma p_theta + (1 - gamma) p*) |d|^2 + linear(d): bounded
+    only if both quadratic weights are positive, gamma in (0, 1); gamma = 1 leaves no quadratic term on
+    real data, which is safe only when its linear term vanishes too (alpha = beta = 1).
+    """
+    if gamma is not None:
+        if not (0 < alpha <= 1 and 0 < beta <= 1 and (0 < gamma < 1 or gamma == alpha == beta == 1)):
+            raise UsageError(f"General RealUID needs alpha, beta in (0, 1] and gamma in (0, 1) (gamma = 1 only "
+                             f"with alpha = beta = 1): otherwise the fake model's objective is unbounded "
+                             f"(got alpha={alpha}, beta={beta}, gamma={gamma})")
+        return
     ok = 0 < alpha <= 1 and 0 < beta <= 1 and (alpha < 1 or beta == 1)
     if not ok:
         raise UsageError(f"alpha and beta must lie in (0, 1], and alpha = 1 is allowed only with "
@@ -117,7 +134,11 @@ def check_coefficients(alpha, beta):
 
 
 def check_config(cfg):
-    check_coefficients(cfg.alpha, cfg.beta)
+    check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
+    if cfg.gamma is not None and cfg.alpha_sid is not None:
+        raise UsageError("--gamma (General RealUID) and --alpha-sid (RealSiD) are different losses; give one")
+    if cfg.alpha_sid is not None and not 0 < cfg.alpha_sid <= 2:
+        raise UsageError(f"--alpha-sid must lie in (0, 2]; the paper uses 0.5 to 1.2 (got {cfg.alpha_sid})")
     for name in ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer "
@@ -392,13 +413,19 @@ def realuid_generator_loss(f_star, f, u_gen, alpha, beta):
     return alpha * (sqnorm(f_star - c * u_gen) - sqnorm(f - c * u_gen))
 
 
-def realuid_split_loss(f_star_gen, f_gen, u_gen, f_star_real, f_real, u_real, alpha, beta):
-    # Lemma 3: L_RUID linearised in delta = f* - f
-    d_gen, d_real = f_star_gen - f_gen, f_star_real - f_real
-    gen = -alpha * sqnorm(d_gen) + 2 * alpha * inner(d_gen, f_star_gen) - 2 * beta * inner(d_gen, u_gen)
-    real = (-(1 - alpha) * sqnorm(d_real) + 2 * (1 - alpha) * inner(d_real, f_star_real)
-            - 2 * (1 - beta) * inner(d_real, u_real))
-    return gen + real
+def general_realuid_loss(f_star_gen, f_gen, u_gen, f_star_real, f_real, u_real, alpha, beta, gamma=None,
+                         parameterization="standard"):
+    # Def. 3 (A.2); with gamma = alpha and delta = f* - f this is Lemma 3's split form of L_RUID.
+    # f_real None: the generated term alone (all that depends on theta).
+    gamma = alpha if gamma is None else gamma
+    scale = beta if parameterization == "beta" else 1.0  # delta = f* - f, or beta (f* - f)
+    d_gen = scale * (f_star_gen - f_gen)
+    loss = -gamma * sqnorm(d_gen) + 2 * alpha * inner(d_gen, f_star_gen) - 2 * beta * inner(d_gen, u_gen)
+    if f_real is not None:
+        d_real = scale * (f_star_real - f_real)
+        loss = loss + (-(1 - gamma) * sqnorm(d_real) + 2 * (1 - alpha) * inner(d_real, f_star_real)
+                       - 2 * (1 - beta) * inner(d_real, u_real))
+    return loss
 
 
 def fgm_generator_loss(f_star, f, u_gen):
@@ -407,10 +434,11 @@ def fgm_generator_loss(f_star, f, u_gen):
     return sqnorm(d) + 2 * inner(d, f - u_gen)
 
 
-def sid_generator_loss(f_star, f, u_gen, alpha_sid=1.2):
-    # eq. 5 / 33 (SiD): -2 alpha_SiD ||d||^2 + 2 <d, u* - u_t(x_t | x_gen)>, d = u* - u
+def realsid_generator_loss(f_star, f, u_gen, alpha_sid=1.2, alpha=1.0, beta=1.0):
+    # eq. 34 (RealSiD; SiD eq. 5/33 at alpha = beta = 1): -2 a_SiD a ||d||^2 + 2a <d, f*> - 2b <d, u_t(.|x_gen)>,
+    # d = f* - f (with d = f - f* the case a_SiD = 1/2 would not be UID)
     d = f_star - f
-    return -2 * alpha_sid * sqnorm(d) + 2 * inner(d, f_star - u_gen)
+    return -2 * alpha_sid * alpha * sqnorm(d) + 2 * alpha * inner(d, f_star) - 2 * beta * inner(d, u_gen)
 
 
 # =============================================================================
@@ -442,7 +470,7 @@ class RealUID:
     """Teacher u*, fake field u_psi, generator G_theta, their optimisers and EMAs."""
 
     def __init__(self, cfg, teacher, fake, g, matching=None):
-        check_coefficients(cfg.alpha, cfg.beta)
+        check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
         self.cfg, self.matching = cfg, matching or FlowMatching()
         self.teacher = teacher.eval().requires_grad_(False)
         self.fake = fake.train()
@@ -465,13 +493,20 @@ class RealUID:
             x_gen = self.generator(torch.randn_like(x_real), y)
         x0, t = self._noise_and_time(x_real)  # the same x0 and t for both halves, as the official code
         u_gen, u_real = m.target(x0, x_gen, t), m.target(x0, x_real, t)
-        if cfg.alpha < 1:  # one forward pass over generated and real x_t (GroupNorm is per sample)
-            f = self.fake(torch.cat([t, t]), torch.cat([m.path(x0, x_gen, t), m.path(x0, x_real, t)]),
-                          None if y is None else torch.cat([y, y]))
-            f_gen, f_real = f.chunk(2)
+        real = cfg.alpha < 1 or cfg.gamma is not None
+        if real:  # one forward pass over generated and real x_t (GroupNorm is per sample)
+            tt, xt, yy = torch.cat([t, t]), torch.cat([m.path(x0, x_gen, t), m.path(x0, x_real, t)]), \
+                None if y is None else torch.cat([y, y])
         else:
-            f_gen, f_real = self.fake(t, m.path(x0, x_gen, t), y), None
-        loss = realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta).mean()
+            tt, xt, yy = t, m.path(x0, x_gen, t), y
+        f_gen, f_real = self.fake(tt, xt, yy).chunk(2) if real else (self.fake(tt, xt, yy), None)
+        if cfg.gamma is None:
+            loss = realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta).mean()
+        else:  # General RealUID has no RealUM form: maximise Def. 3 itself, which needs u* on both halves
+            with torch.no_grad():
+                fs_gen, fs_real = self.teacher(tt, xt, yy).chunk(2)
+            loss = -general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha, cfg.beta,
+                                         cfg.gamma, cfg.parameterization).mean()
         self.opt_fake.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip)
@@ -488,8 +523,15 @@ class RealUID:
         x_t, u_gen = m.path(x0, x_gen, t), m.target(x0, x_gen, t)
         self.fake.requires_grad_(False)  # gradients flow through x_t into G only
         try:
-            loss = realuid_generator_loss(self.teacher(t, x_t, y), self.fake(t, x_t, y), u_gen,
-                                          cfg.alpha, cfg.beta).mean()
+            f_star, f = self.teacher(t, x_t, y), self.fake(t, x_t, y)
+            if cfg.gamma is not None:
+                loss = general_realuid_loss(f_star, f, u_gen, None, None, None, cfg.alpha, cfg.beta, cfg.gamma,
+                                            cfg.parameterization)
+            elif cfg.alpha_sid is not None:
+                loss = realsid_generator_loss(f_star, f, u_gen, cfg.alpha_sid, cfg.alpha, cfg.beta)
+            else:
+                loss = realuid_generator_loss(f_star, f, u_gen, cfg.alpha, cfg.beta)
+            loss = loss.mean()
             self.opt_gen.zero_grad(set_to_none=True)
             loss.backward()
         finally:

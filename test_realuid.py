@@ -170,7 +170,7 @@ def test_uid_equals_fgm_equals_sid_at_half(dim, batch, cond, seed):
     f_star, f = teacher(t, x_t, y), fake(t, x_t, y)
     uid = R.realuid_generator_loss(f_star, f, u_gen, 1.0, 1.0)
     fgm = R.fgm_generator_loss(f_star, f, u_gen)
-    sid = R.sid_generator_loss(f_star, f, u_gen, alpha_sid=0.5)
+    sid = R.realsid_generator_loss(f_star, f, u_gen, alpha_sid=0.5)
     torch.testing.assert_close(fgm, uid, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sid, uid, rtol=1e-10, atol=1e-10)
     params = list(gen.parameters())
@@ -180,7 +180,7 @@ def test_uid_equals_fgm_equals_sid_at_half(dim, batch, cond, seed):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-10)
     # SiD's coefficient is not a no-op: alpha_SiD != 1/2 is a different loss
-    assert not torch.allclose(R.sid_generator_loss(f_star, f, u_gen, 1.2), uid)
+    assert not torch.allclose(R.realsid_generator_loss(f_star, f, u_gen, 1.2), uid)
 
 
 coefficients = st.tuples(st.floats(0.05, 1.0), st.floats(0.05, 1.0)).filter(lambda ab: ab[0] < 1 or ab[1] == 1)
@@ -200,7 +200,7 @@ def test_lemma3_split_form_equals_difference_of_realum_losses(ab, dim, batch, co
     f_gen, f_real = fake(t, x_t, y), fake(t, xr_t, y)
     difference = (R.realum_loss(fs_gen, u_gen, fs_real, u_real, alpha, beta)
                   - R.realum_loss(f_gen, u_gen, f_real, u_real, alpha, beta))
-    split = R.realuid_split_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, alpha, beta)
+    split = R.general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, alpha, beta)
     torch.testing.assert_close(split, difference, rtol=1e-9, atol=1e-9)
     for net in (fake, gen):
         for a, b in zip(grads(split, list(net.parameters())), grads(difference, list(net.parameters()))):
@@ -338,6 +338,105 @@ def test_lemma2_generator_objective_is_minimised_at_the_real_mean(alpha, beta):
         fd = (distance_1d(mu_th + h, S_REAL, alpha, beta) - distance_1d(mu_th - h, S_REAL, alpha, beta)) / (2 * h)
         assert np.sign(grad.item()) == np.sign(mu_th - MU_REAL)
         assert grad.item() == pytest.approx(fd, rel=0.05, abs=2e-3), (mu_th, grad.item(), fd)
+
+
+# =============================================================================
+# Loss variants of Appendix A: General RealUID (Def. 3), RealSiD (eq. 34)
+# =============================================================================
+
+@quick
+@given(ab=coefficients, sid=st.floats(0.5, 1.2), dim=st.integers(1, 4), batch=st.integers(1, 9), seed=st.integers(0, 10**6))
+def test_realsid_at_half_is_realuid_and_its_coefficient_only_scales_the_quadratic_term(ab, sid, dim, batch, seed):
+    alpha, beta = ab
+    teacher, fake, gen, k = three_networks(dim, False, seed)
+    x_t, u_gen, t, y, _ = generated_batch(gen, batch, dim, k, seed)
+    f_star, f = teacher(t, x_t, y), fake(t, x_t, y)
+    half = R.realsid_generator_loss(f_star, f, u_gen, 0.5, alpha, beta)
+    torch.testing.assert_close(half, R.realuid_generator_loss(f_star, f, u_gen, alpha, beta), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(half, R.general_realuid_loss(f_star, f, u_gen, None, None, None, alpha, beta),
+                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(R.realsid_generator_loss(f_star, f, u_gen, sid, alpha, beta) - half,
+                               -2 * (sid - 0.5) * alpha * R.sqnorm(f_star - f), rtol=1e-9, atol=1e-9)
+
+
+@given(alpha=st.floats(0.01, 1), beta=st.floats(0.01, 1), gamma=st.floats(-0.5, 1.5))
+def test_general_realuid_refuses_an_unbounded_fake_objective(alpha, beta, gamma):
+    bounded = 0 < gamma < 1 or gamma == alpha == beta == 1
+    if bounded:
+        R.check_coefficients(alpha, beta, gamma)  # alpha = 1 with beta != 1 is admissible here
+    else:
+        with pytest.raises(R.UsageError, match="unbounded"):
+            R.check_coefficients(alpha, beta, gamma)
+
+
+@pytest.mark.parametrize("alpha,beta,gamma,parameterization", [
+    (0.9, 0.95, 0.5, "standard"), (0.9, 0.95, 0.5, "beta"), (1.0, 0.9, 0.7, "standard"), (0.8, 0.7, 0.95, "beta")])
+def test_general_realuid_maximiser_is_the_closed_form(alpha, beta, gamma, parameterization):
+    # A.2 (eq. 30): delta_opt = [(b - a) p* f* + a p^theta f* - b p^theta f^theta] / [gamma p^theta + (1 - gamma) p*].
+    # Maximise the Monte-Carlo loss over a piecewise-constant delta; per bin the optimum is the ratio of the
+    # bin integrals of the numerator and the denominator.
+    mu_th, s_th, t, n = -0.5, 1.1, 0.7, 400_000
+    xg, ug, xr, ur = gaussian_paths(n, t, mu_th, s_th, seed=9)
+    edges = torch.linspace(-1.0, 1.2, 12, dtype=torch.float64)
+    delta = torch.zeros(len(edges) + 1, dtype=torch.float64, requires_grad=True)
+    bin_gen, bin_real = torch.bucketize(xg[:, 0], edges), torch.bucketize(xr[:, 0], edges)
+    scale = beta if parameterization == "beta" else 1.0
+    opt = torch.optim.LBFGS([delta], max_iter=100, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+    fs_gen, fs_real = fm_field_1d(t, xg, MU_REAL, S_REAL), fm_field_1d(t, xr, MU_REAL, S_REAL)
+
+    def objective():
+        opt.zero_grad()
+        f_gen, f_real = fs_gen - delta[bin_gen, None] / scale, fs_real - delta[bin_real, None] / scale
+        loss = -R.general_realuid_loss(fs_gen, f_gen, ug, fs_real, f_real, ur, alpha, beta, gamma,
+                                       parameterization).mean()
+        loss.backward()
+        return loss
+    opt.step(objective)
+    x = torch.linspace(-1.0, 1.2, 2201, dtype=torch.float64)
+    p_star, p_th = fm_density_1d(t, x, MU_REAL, S_REAL), fm_density_1d(t, x, mu_th, s_th)
+    f_star, f_th = fm_field_1d(t, x, MU_REAL, S_REAL), fm_field_1d(t, x, mu_th, s_th)
+    num = (beta - alpha) * p_star * f_star + alpha * p_th * f_star - beta * p_th * f_th
+    den = gamma * p_th + (1 - gamma) * p_star
+    want = torch.stack([num[i * 200:(i + 1) * 200 + 1].sum() / den[i * 200:(i + 1) * 200 + 1].sum()
+                        for i in range(11)])
+    assert want.abs().max() > 0.2  # the closed form is far from zero here, so agreement means something
+    assert (delta.detach()[1:-1] - want).abs().max() < 0.03, (delta, want)
+
+
+def test_general_realuid_with_gamma_alpha_trains_like_realuid():
+    def run(gamma):
+        state, _ = tiny_state(alpha=0.9, beta=0.95, K=2, seed=5, steps=12)
+        state.cfg = R.dataclasses.replace(state.cfg, gamma=gamma)
+        torch.manual_seed(5)
+        R.distill(state, R.batches(R.Data(x=torch.randn(200, 2) + 1), 32, "cpu"))
+        return state.generator.state_dict(), state.fake.state_dict()
+    (g1, f1), (g2, f2) = run(None), run(0.9)
+    for a, b in ((g1, g2), (f1, f2)):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    start = tiny_state(seed=5)[0].generator.state_dict()
+    assert any(not torch.allclose(g1[k], start[k]) for k in g1)  # and training did move the generator
+
+
+@pytest.mark.parametrize("flags", [["--gamma", "0.5", "--parameterization", "beta"], ["--alpha-sid", "1.2"],
+                                   ["--alpha", "1", "--beta", "0.9", "--gamma", "0.5"]])
+def test_variants_run_end_to_end_on_2d(flags, toy_run, tmp_path):
+    assert R.main(["--teacher", str(toy_run / "teacher.pt"), "--steps", "24", "--eval-samples", "500",
+                   "--out", str(tmp_path)] + flags) == 0
+    ckpt = torch.load(R.latest_checkpoint(str(tmp_path)), weights_only=True)
+    assert ckpt["step"] == 24 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
+    args = json.load(open(tmp_path / "arguments.json"))
+    for flag, value in zip(flags[::2], flags[1::2]):
+        got = args[flag.lstrip("-").replace("-", "_")]
+        assert got == (value if isinstance(got, str) else float(value))
+
+
+def test_variant_flags_are_validated(capsys, tmp_path):
+    err = error_of(R.main, ["--gamma", "0.5", "--alpha-sid", "1.0", "--out", str(tmp_path)], capsys)
+    assert "give one" in err
+    assert "unbounded" in error_of(R.main, ["--gamma", "1.2", "--out", str(tmp_path)], capsys)
+    assert "--alpha-sid" in error_of(R.main, ["--alpha-sid", "3", "--out", str(tmp_path)], capsys)
+    R.check_config(R.Config(alpha=1.0, beta=0.9, gamma=0.5))  # admissible with gamma < 1
 
 
 # =============================================================================
