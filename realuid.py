@@ -1096,7 +1096,9 @@ def prepare_teacher(cfg, data, out, device):
                 dataset=cfg.dataset, cond=cfg.cond, steps=cfg.teacher_steps, hidden=cfg.hidden,
                 seed=cfg.seed, eval_samples=cfg.eval_samples), teacher_py.TEACHER_RECIPES[data.recipe])
             print(f"no --teacher: training one on the spot ({tcfg.steps} updates), cached as {path}")
+            t0 = time.time()
             teacher_py.train_teacher(tcfg, data, device, path)
+            print(f"teacher training took {time.time() - t0:.0f} s")
     res = data.shape()[-1] if data.kind == "image" else None
     net, ckpt = load_field(path, "teacher", cfg.teacher_ema, image_size=res, num_heads=cfg.num_heads,
                            num_head_channels=cfg.num_head_channels)
