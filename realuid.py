@@ -67,6 +67,7 @@ class Config:
                                 choices=("standard", "beta"))
     alpha_sid: float = opt(None, "RealSiD (eq. 34): the generator loss's quadratic coefficient, 0.5 to 1.2",
                            type=float)
+    normalized: bool = opt(False, "Normalized RealUID (Def. 4): minimise the non-squared l2 distance")
     K: int = opt(5, "fake-model updates per generator update")
     lr: float = opt(3e-5, "Adam learning rate of both networks")
     batch_size: int = opt(256, "batch size (generated and real halves each)")
@@ -135,8 +136,9 @@ def check_coefficients(alpha, beta, gamma=None):
 
 def check_config(cfg):
     check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
-    if cfg.gamma is not None and cfg.alpha_sid is not None:
-        raise UsageError("--gamma (General RealUID) and --alpha-sid (RealSiD) are different losses; give one")
+    if sum((cfg.gamma is not None, cfg.alpha_sid is not None, cfg.normalized)) > 1:
+        raise UsageError("--gamma (General RealUID), --alpha-sid (RealSiD) and --normalized are different losses; "
+                         "give one")
     if cfg.alpha_sid is not None and not 0 < cfg.alpha_sid <= 2:
         raise UsageError(f"--alpha-sid must lie in (0, 2]; the paper uses 0.5 to 1.2 (got {cfg.alpha_sid})")
     for name in ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden"):
@@ -428,6 +430,18 @@ def general_realuid_loss(f_star_gen, f_gen, u_gen, f_star_real, f_real, u_real, 
     return loss
 
 
+def normalized_realuid_loss(f_star_gen, f_gen, u_gen, f_star_real, f_real, u_real, alpha, beta, eps=1e-6):
+    # Def. 4 (A.4): <e, a f* - b u(.|x_gen)> + <e, (1-a) f* - (1-b) u(.|x_real)>, e = (f* - f) / ||f* - f||;
+    # its maximum over f is the non-squared distance E int ||(b-a) p* f* + a p^theta f* - b p^theta f^theta|| dx.
+    # eps keeps e and its gradient finite where f = f*.
+    def unit(d):
+        return d / (sqnorm(d) + eps ** 2).sqrt().reshape(-1, *[1] * (d.dim() - 1))
+    loss = inner(unit(f_star_gen - f_gen), alpha * f_star_gen - beta * u_gen)
+    if f_real is not None:
+        loss = loss + inner(unit(f_star_real - f_real), (1 - alpha) * f_star_real - (1 - beta) * u_real)
+    return loss
+
+
 def fgm_generator_loss(f_star, f, u_gen):
     # eq. 7 (FGM): ||u* - u||^2 + 2 <u* - u, u - u_t(x_t | x_gen)>, u with frozen parameters
     d = f_star - f
@@ -493,20 +507,24 @@ class RealUID:
             x_gen = self.generator(torch.randn_like(x_real), y)
         x0, t = self._noise_and_time(x_real)  # the same x0 and t for both halves, as the official code
         u_gen, u_real = m.target(x0, x_gen, t), m.target(x0, x_real, t)
-        real = cfg.alpha < 1 or cfg.gamma is not None
+        real = cfg.alpha < 1 or cfg.gamma is not None or cfg.normalized
         if real:  # one forward pass over generated and real x_t (GroupNorm is per sample)
             tt, xt, yy = torch.cat([t, t]), torch.cat([m.path(x0, x_gen, t), m.path(x0, x_real, t)]), \
                 None if y is None else torch.cat([y, y])
         else:
             tt, xt, yy = t, m.path(x0, x_gen, t), y
         f_gen, f_real = self.fake(tt, xt, yy).chunk(2) if real else (self.fake(tt, xt, yy), None)
-        if cfg.gamma is None:
+        if cfg.gamma is None and not cfg.normalized:
             loss = realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta).mean()
-        else:  # General RealUID has no RealUM form: maximise Def. 3 itself, which needs u* on both halves
+        else:  # General and Normalized RealUID have no RealUM form: maximise them, with u* on both halves
             with torch.no_grad():
                 fs_gen, fs_real = self.teacher(tt, xt, yy).chunk(2)
-            loss = -general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha, cfg.beta,
-                                         cfg.gamma, cfg.parameterization).mean()
+            if cfg.normalized:
+                loss = -normalized_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha,
+                                                cfg.beta).mean()
+            else:
+                loss = -general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha, cfg.beta,
+                                             cfg.gamma, cfg.parameterization).mean()
         self.opt_fake.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip)
@@ -527,6 +545,8 @@ class RealUID:
             if cfg.gamma is not None:
                 loss = general_realuid_loss(f_star, f, u_gen, None, None, None, cfg.alpha, cfg.beta, cfg.gamma,
                                             cfg.parameterization)
+            elif cfg.normalized:
+                loss = normalized_realuid_loss(f_star, f, u_gen, None, None, None, cfg.alpha, cfg.beta)
             elif cfg.alpha_sid is not None:
                 loss = realsid_generator_loss(f_star, f, u_gen, cfg.alpha_sid, cfg.alpha, cfg.beta)
             else:

@@ -403,6 +403,46 @@ def test_general_realuid_maximiser_is_the_closed_form(alpha, beta, gamma, parame
     assert (delta.detach()[1:-1] - want).abs().max() < 0.03, (delta, want)
 
 
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.9, 0.95), (0.8, 0.7)])
+def test_normalized_realuid_optimum_is_the_non_squared_distance(alpha, beta):
+    # Def. 4 in 1D: at each x the maximiser is e = sign(N), N = (b-a) p* f* + a p^theta f* - b p^theta f^theta,
+    # and the maximum is int |N| dx: the non-squared distance (no square, no division by the mixture density).
+    mu_th, s_th, t, n = -0.5, 1.1, 0.6, 2_000_000
+    xg, ug, xr, ur = gaussian_paths(n, t, mu_th, s_th, seed=13)
+
+    def N(x, mu=mu_th, s=s_th):
+        return ((beta - alpha) * fm_density_1d(t, x, MU_REAL, S_REAL) * fm_field_1d(t, x, MU_REAL, S_REAL)
+                + fm_density_1d(t, x, mu, s) * (alpha * fm_field_1d(t, x, MU_REAL, S_REAL)
+                                                - beta * fm_field_1d(t, x, mu, s)))
+    fs = lambda x: fm_field_1d(t, x, MU_REAL, S_REAL)  # noqa: E731
+
+    def value(f):
+        return R.normalized_realuid_loss(fs(xg), f(xg), ug, fs(xr), f(xr), ur, alpha, beta).mean().item()
+    best = value(lambda x: fs(x) - 0.3 * torch.sign(N(x)))  # the magnitude of f* - f does not matter
+    x = torch.linspace(-12, 12, 24001, dtype=torch.float64)
+    assert best == pytest.approx(torch.trapezoid(N(x).abs(), x).item(), rel=0.03)
+    assert value(lambda x: fs(x) - 2.0 * torch.sign(N(x))) == pytest.approx(best, rel=1e-6)
+    assert value(lambda x: fs(x) + 0.3 * torch.sign(N(x))) == pytest.approx(-best, rel=1e-6)
+    assert value(lambda x: fs(x) - torch.sin(3 * x)) < best - 0.1
+    # the distance vanishes only at p^theta = p*
+    dist = [torch.trapezoid(N(x, mu, S_REAL).abs(), x).item() for mu in (MU_REAL - 0.5, MU_REAL, MU_REAL + 0.5)]
+    assert dist[1] < 1e-9 < min(dist[0], dist[2])
+
+
+def test_normalized_realuid_is_safe_where_the_fake_equals_the_teacher():
+    teacher, _, gen, k = three_networks(3, False, 0)
+    fake = copy.deepcopy(teacher)  # f = f* exactly: ||f* - f|| = 0
+    x_t, u_gen, t, y, x0 = generated_batch(gen, 8, 3, k, 0)
+    x_real = torch.randn(8, 3, dtype=torch.float64)
+    fm = R.FlowMatching()
+    xr_t, u_real = fm.path(x0, x_real, t), fm.target(x0, x_real, t)
+    loss = R.normalized_realuid_loss(teacher(t, x_t, y), fake(t, x_t, y), u_gen, teacher(t, xr_t, y),
+                                     fake(t, xr_t, y), u_real, 0.9, 0.95).mean()
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    for g in torch.autograd.grad(loss, list(fake.parameters()) + list(gen.parameters())):
+        assert torch.isfinite(g).all()
+
+
 def test_general_realuid_with_gamma_alpha_trains_like_realuid():
     def run(gamma):
         state, _ = tiny_state(alpha=0.9, beta=0.95, K=2, seed=5, steps=12)
@@ -419,21 +459,22 @@ def test_general_realuid_with_gamma_alpha_trains_like_realuid():
 
 
 @pytest.mark.parametrize("flags", [["--gamma", "0.5", "--parameterization", "beta"], ["--alpha-sid", "1.2"],
-                                   ["--alpha", "1", "--beta", "0.9", "--gamma", "0.5"]])
+                                   ["--alpha", "1", "--beta", "0.9", "--gamma", "0.5"], ["--normalized"]])
 def test_variants_run_end_to_end_on_2d(flags, toy_run, tmp_path):
     assert R.main(["--teacher", str(toy_run / "teacher.pt"), "--steps", "24", "--eval-samples", "500",
                    "--out", str(tmp_path)] + flags) == 0
     ckpt = torch.load(R.latest_checkpoint(str(tmp_path)), weights_only=True)
     assert ckpt["step"] == 24 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
     args = json.load(open(tmp_path / "arguments.json"))
-    for flag, value in zip(flags[::2], flags[1::2]):
+    for flag, value in zip(flags[::2], flags[1::2] or [True]):
         got = args[flag.lstrip("-").replace("-", "_")]
-        assert got == (value if isinstance(got, str) else float(value))
+        assert got == (value if isinstance(got, (str, bool)) else float(value))
 
 
 def test_variant_flags_are_validated(capsys, tmp_path):
     err = error_of(R.main, ["--gamma", "0.5", "--alpha-sid", "1.0", "--out", str(tmp_path)], capsys)
     assert "give one" in err
+    assert "give one" in error_of(R.main, ["--normalized", "--alpha-sid", "1.0", "--out", str(tmp_path)], capsys)
     assert "unbounded" in error_of(R.main, ["--gamma", "1.2", "--out", str(tmp_path)], capsys)
     assert "--alpha-sid" in error_of(R.main, ["--alpha-sid", "3", "--out", str(tmp_path)], capsys)
     R.check_config(R.Config(alpha=1.0, beta=0.9, gamma=0.5))  # admissible with gamma < 1
