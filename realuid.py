@@ -68,6 +68,10 @@ class Config:
     alpha_sid: float = opt(None, "RealSiD (eq. 34): the generator loss's quadratic coefficient, 0.5 to 1.2",
                            type=float)
     normalized: bool = opt(False, "Normalized RealUID (Def. 4): minimise the non-squared l2 distance")
+    gan: bool = opt(False, "UID + GAN baseline (eq. 8): a discriminator head on the fake model's features")
+    lambda_gen: float = opt(0.3, "GAN weight in the generator loss (paper: 0.3 training, 25 fine-tuning)")
+    lambda_disc: float = opt(1.0, "GAN weight in the fake-model loss (paper: 1 training, 75 fine-tuning)")
+    gan_t_range: tuple = opt((0.8, 1.0), "time range of the GAN's x_t (t = 1 is data)")
     K: int = opt(5, "fake-model updates per generator update")
     lr: float = opt(3e-5, "Adam learning rate of both networks")
     batch_size: int = opt(256, "batch size (generated and real halves each)")
@@ -139,6 +143,9 @@ def check_config(cfg):
     if sum((cfg.gamma is not None, cfg.alpha_sid is not None, cfg.normalized)) > 1:
         raise UsageError("--gamma (General RealUID), --alpha-sid (RealSiD) and --normalized are different losses; "
                          "give one")
+    lo, hi = (tuple(cfg.gan_t_range) + (None, None))[:2]
+    if len(cfg.gan_t_range) != 2 or not 0 <= lo < hi <= 1 or cfg.lambda_gen < 0 or cfg.lambda_disc < 0:
+        raise UsageError("--gan-t-range takes two times 0 <= lo < hi <= 1, and the GAN weights must be >= 0")
     if cfg.alpha_sid is not None and not 0 < cfg.alpha_sid <= 2:
         raise UsageError(f"--alpha-sid must lie in (0, 2]; the paper uses 0.5 to 1.2 (got {cfg.alpha_sid})")
     for name in ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden"):
@@ -297,7 +304,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(),
                                  zero_init(nn.Conv2d(input_ch, in_channels, 3, padding=1)))
 
-    def forward(self, t, x, y=None):
+    def _encode(self, t, x, y):
         if (y is None) != (self.num_classes is None):
             raise ValueError("pass labels y if and only if the network is class-conditional")
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
@@ -308,7 +315,14 @@ class UNet(nn.Module):
         for block in self.input_blocks:
             h = block(h, emb)
             hs.append(h)
-        h = self.middle_block(h, emb)
+        return self.middle_block(h, emb), hs, emb
+
+    def encode(self, t, x, y=None):
+        """The middle-block features (the UID + GAN discriminator reads them, D.1)."""
+        return self._encode(t, x, y)[0]
+
+    def forward(self, t, x, y=None):
+        h, hs, emb = self._encode(t, x, y)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
@@ -326,7 +340,8 @@ class MLPField(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.out = nn.Linear(hidden, dim)
 
-    def forward(self, t, x, y=None):
+    def encode(self, t, x, y=None):
+        """The last hidden features."""
         if (y is None) != (self.num_classes is None):
             raise ValueError("pass labels y if and only if the network is class-conditional")
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
@@ -335,7 +350,26 @@ class MLPField(nn.Module):
             h = h + self.label_emb(y)
         for layer in self.hidden:
             h = layer(F.silu(h))
-        return self.out(F.silu(h))
+        return F.silu(h)
+
+    def forward(self, t, x, y=None):
+        return self.out(self.encode(t, x, y))
+
+
+def discriminator_head(spec):
+    """The UID + GAN baseline's head on the fake model's features (D.1, as the official code)."""
+    if spec["type"] == "mlp":
+        return nn.Sequential(nn.Linear(spec["hidden"], spec["hidden"]), nn.SiLU(), nn.Linear(spec["hidden"], 1))
+    ch = int(spec["channels"] * spec["channel_mult"][-1])
+    side = spec["image_size"] // 2 ** (len(spec["channel_mult"]) - 1)
+    if side < 4:
+        raise UsageError(f"the GAN head needs middle-block features of at least 4x4 (these are {side}x{side})")
+    return nn.Sequential(nn.Conv2d(ch, ch, 2, stride=2), nn.GroupNorm(32, ch), nn.SiLU(),
+                         nn.Conv2d(ch, ch, 2, stride=2), nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, 1, 1))
+
+
+def discriminate(head, features):
+    return head(features).flatten(1).mean(1)  # one logit per sample
 
 
 def build_field(spec):
@@ -442,6 +476,16 @@ def normalized_realuid_loss(f_star_gen, f_gen, u_gen, f_star_real, f_real, u_rea
     return loss
 
 
+def gan_generator_loss(logits_gen):
+    # eq. 8, non-saturating: softplus(-D(x_t^gen))
+    return F.softplus(-logits_gen)
+
+
+def gan_discriminator_loss(logits_gen, logits_real):
+    # eq. 8: softplus(D(x_t^gen)) + softplus(-D(x_t^real))
+    return F.softplus(logits_gen) + F.softplus(-logits_real)
+
+
 def fgm_generator_loss(f_star, f, u_gen):
     # eq. 7 (FGM): ||u* - u||^2 + 2 <u* - u, u - u_t(x_t | x_gen)>, u with frozen parameters
     d = f_star - f
@@ -483,7 +527,7 @@ def warmup_schedule(warmup):
 class RealUID:
     """Teacher u*, fake field u_psi, generator G_theta, their optimisers and EMAs."""
 
-    def __init__(self, cfg, teacher, fake, g, matching=None):
+    def __init__(self, cfg, teacher, fake, g, matching=None, fake_spec=None):
         check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
         self.cfg, self.matching = cfg, matching or FlowMatching()
         self.teacher = teacher.eval().requires_grad_(False)
@@ -491,7 +535,9 @@ class RealUID:
         self.generator = OneStepGenerator(g).train()
         self.ema = {d: copy.deepcopy(g).eval().requires_grad_(False) for d in cfg.ema}
         adam = dict(lr=cfg.lr, betas=(0.0, 0.999))  # beta1 = 0 is crucial for the min-max (App. D)
-        self.opt_fake = torch.optim.Adam(self.fake.parameters(), **adam)
+        self.disc = discriminator_head(fake_spec).to(next(fake.parameters()).device) if cfg.gan else None
+        self.fake_params = list(self.fake.parameters()) + (list(self.disc.parameters()) if cfg.gan else [])
+        self.opt_fake = torch.optim.Adam(self.fake_params, **adam)
         self.opt_gen = torch.optim.Adam(self.generator.parameters(), **adam)
         self.sched_fake = torch.optim.lr_scheduler.LambdaLR(self.opt_fake, warmup_schedule(cfg.warmup))
         self.sched_gen = torch.optim.lr_scheduler.LambdaLR(self.opt_gen, warmup_schedule(cfg.warmup))
@@ -499,6 +545,12 @@ class RealUID:
 
     def _noise_and_time(self, x1):
         return torch.randn_like(x1), self.matching.sample_t(x1.shape[0], x1.device)
+
+    def _gan_logits(self, x0, x1, y):
+        """D(x_t) with t drawn from --gan-t-range, near the data end (eq. 8, D.1)."""
+        lo, hi = self.cfg.gan_t_range
+        t = lo + (hi - lo) * torch.rand(x1.shape[0], device=x1.device)
+        return discriminate(self.disc, self.fake.encode(t, self.matching.path(x0, x1, t), y))
 
     def fake_step(self, x_real, y=None):
         """Minimise L_RUM(u_psi, p^theta) over psi on a detached generated batch (Alg. 1 line 6)."""
@@ -525,9 +577,13 @@ class RealUID:
             else:
                 loss = -general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha, cfg.beta,
                                              cfg.gamma, cfg.parameterization).mean()
+        if cfg.gan:  # the discriminator: generated against real x_t, in one pass
+            logits_gen, logits_real = self._gan_logits(torch.cat([x0, x0]), torch.cat([x_gen, x_real]),
+                                                       None if y is None else torch.cat([y, y])).chunk(2)
+            loss = loss + cfg.lambda_disc * gan_discriminator_loss(logits_gen, logits_real).mean()
         self.opt_fake.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(self.fake_params, cfg.grad_clip)
         self.opt_fake.step()
         self.sched_fake.step()
         self.step += 1
@@ -539,7 +595,9 @@ class RealUID:
         x_gen = self.generator(torch.randn(shape, device=device), y)
         x0, t = self._noise_and_time(x_gen)
         x_t, u_gen = m.path(x0, x_gen, t), m.target(x0, x_gen, t)
-        self.fake.requires_grad_(False)  # gradients flow through x_t into G only
+        frozen = [self.fake] + ([self.disc] if cfg.gan else [])
+        for net in frozen:  # gradients flow through x_t into G only
+            net.requires_grad_(False)
         try:
             f_star, f = self.teacher(t, x_t, y), self.fake(t, x_t, y)
             if cfg.gamma is not None:
@@ -552,10 +610,13 @@ class RealUID:
             else:
                 loss = realuid_generator_loss(f_star, f, u_gen, cfg.alpha, cfg.beta)
             loss = loss.mean()
+            if cfg.gan:
+                loss = loss + cfg.lambda_gen * gan_generator_loss(self._gan_logits(x0, x_gen, y)).mean()
             self.opt_gen.zero_grad(set_to_none=True)
             loss.backward()
         finally:
-            self.fake.requires_grad_(True)
+            for net in frozen:
+                net.requires_grad_(True)
         grad_norm = nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
         self.opt_gen.step()
         self.sched_gen.step()
@@ -573,11 +634,13 @@ class RealUID:
                     ema={str(d): net.state_dict() for d, net in self.ema.items()},
                     opt_gen=self.opt_gen.state_dict(), opt_fake=self.opt_fake.state_dict(),
                     sched_gen=self.sched_gen.state_dict(), sched_fake=self.sched_fake.state_dict(),
-                    step=self.step, rng=rng)
+                    step=self.step, rng=rng, **({"disc": self.disc.state_dict()} if self.disc else {}))
 
     def load_state_dict(self, ckpt):
         self.generator.g.load_state_dict(ckpt["generator"])
         self.fake.load_state_dict(ckpt["fake"])
+        if self.disc is not None:
+            self.disc.load_state_dict(ckpt["disc"])
         for d, net in self.ema.items():
             net.load_state_dict(ckpt["ema"][str(d)])
         for name in ("opt_gen", "opt_fake", "sched_gen", "sched_fake"):
@@ -1170,7 +1233,7 @@ def main(argv=None):
         fake = build_field(spec)
         if cfg.fake_init == "teacher" or cfg.init_generator:
             fake.load_state_dict(teacher.state_dict())
-        state = RealUID(cfg, teacher, fake.to(device), g.to(device))
+        state = RealUID(cfg, teacher, fake.to(device), g.to(device), fake_spec=spec)
         if resume is not None:
             state.load_state_dict(resume)
     except UsageError as e:

@@ -443,6 +443,70 @@ def test_normalized_realuid_is_safe_where_the_fake_equals_the_teacher():
         assert torch.isfinite(g).all()
 
 
+def test_gan_heads_give_one_logit_per_sample():
+    unet_spec = dict(type="unet", in_channels=1, image_size=16, channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                     attention_resolutions=[8], num_heads=1, num_head_channels=32, dropout=0.0, num_classes=None)
+    unet = R.build_field(unet_spec)
+    x, t = torch.randn(5, 1, 16, 16), torch.rand(5)
+    assert unet.encode(t, x).shape == (5, 64, 8, 8)  # the middle block: 64 channels at 8x8
+    assert R.discriminate(R.discriminator_head(unet_spec), unet.encode(t, x)).shape == (5,)
+    mlp_spec = dict(type="mlp", dim=2, hidden=32, num_classes=None)
+    mlp = R.build_field(mlp_spec)
+    assert R.discriminate(R.discriminator_head(mlp_spec), mlp.encode(torch.rand(7), torch.randn(7, 2))).shape == (7,)
+    # the field itself is unchanged by encode(): forward = out(encode)
+    torch.testing.assert_close(mlp(t[:3], x.flatten(1)[:3, :2]), mlp.out(mlp.encode(t[:3], x.flatten(1)[:3, :2])))
+
+
+def test_gan_discriminator_loss_falls_on_separable_data():
+    torch.manual_seed(0)
+    spec = dict(type="mlp", dim=2, hidden=32, num_classes=None)
+    fake, head = R.build_field(spec), R.discriminator_head(spec)
+    opt = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=1e-3)
+    losses = []
+    for _ in range(150):
+        real, gen, t = torch.randn(64, 2) + 3, torch.randn(64, 2) - 3, torch.full((128,), 0.9)
+        logits = R.discriminate(head, fake.encode(t, torch.cat([gen, real])))
+        loss = R.gan_discriminator_loss(*logits.chunk(2)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 1.2 and losses[-1] < 0.1  # from chance (2 log 2) to separated
+    logits_gen, logits_real = logits.chunk(2)
+    assert (logits_real > 0).all() and (logits_gen < 0).all()  # D(x) > 0 means "real"
+    # and the generator's non-saturating loss is high where D spots the fake
+    assert R.gan_generator_loss(logits_gen).mean() > 2.0
+
+
+def test_gan_adversarial_gradient_reaches_the_generator_only_on_generator_steps():
+    spec = dict(type="mlp", dim=2, hidden=32, num_classes=None)
+
+    def state(lambda_gen):
+        torch.manual_seed(0)
+        cfg = R.Config(alpha=0.9, beta=0.95, lr=1e-3, warmup=0, ema=(0.9,), gan=True, lambda_gen=lambda_gen)
+        teacher = R.build_field(spec)
+        return R.RealUID(cfg, teacher, R.build_field(spec), copy.deepcopy(teacher), fake_spec=spec)
+    a, b = state(0.3), state(0.0)
+    disc_before = copy.deepcopy(a.disc.state_dict())
+    gen_before = copy.deepcopy(a.generator.state_dict())
+    torch.manual_seed(1)
+    a.fake_step(torch.randn(32, 2))
+    assert all(torch.equal(v, a.generator.state_dict()[k]) for k, v in gen_before.items())
+    assert any(not torch.equal(v, a.disc.state_dict()[k]) for k, v in disc_before.items())  # D learns here
+    torch.manual_seed(1)
+    b.fake_step(torch.randn(32, 2))
+    disc_before = copy.deepcopy(a.disc.state_dict())
+    grads_before = [p.grad.clone() for p in a.disc.parameters()]  # left by the fake step
+    torch.manual_seed(2)
+    a.generator_step(None, (32, 2), "cpu")
+    torch.manual_seed(2)
+    b.generator_step(None, (32, 2), "cpu")
+    assert all(torch.equal(v, a.disc.state_dict()[k]) for k, v in disc_before.items())  # D frozen here
+    assert all(torch.equal(p.grad, g) for p, g in zip(a.disc.parameters(), grads_before))  # no backward into D
+    moved = [not torch.equal(v, b.generator.state_dict()[k]) for k, v in a.generator.state_dict().items()]
+    assert any(moved)  # lambda_gen changed the generator's update: the adversarial gradient arrived
+
+
 def test_general_realuid_with_gamma_alpha_trains_like_realuid():
     def run(gamma):
         state, _ = tiny_state(alpha=0.9, beta=0.95, K=2, seed=5, steps=12)
@@ -459,16 +523,21 @@ def test_general_realuid_with_gamma_alpha_trains_like_realuid():
 
 
 @pytest.mark.parametrize("flags", [["--gamma", "0.5", "--parameterization", "beta"], ["--alpha-sid", "1.2"],
-                                   ["--alpha", "1", "--beta", "0.9", "--gamma", "0.5"], ["--normalized"]])
+                                   ["--alpha", "1", "--beta", "0.9", "--gamma", "0.5"], ["--normalized"],
+                                   ["--gan", "--lambda-gen", "0.5"]])
 def test_variants_run_end_to_end_on_2d(flags, toy_run, tmp_path):
     assert R.main(["--teacher", str(toy_run / "teacher.pt"), "--steps", "24", "--eval-samples", "500",
                    "--out", str(tmp_path)] + flags) == 0
     ckpt = torch.load(R.latest_checkpoint(str(tmp_path)), weights_only=True)
     assert ckpt["step"] == 24 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
     args = json.load(open(tmp_path / "arguments.json"))
-    for flag, value in zip(flags[::2], flags[1::2] or [True]):
-        got = args[flag.lstrip("-").replace("-", "_")]
-        assert got == (value if isinstance(got, (str, bool)) else float(value))
+    for i, flag in enumerate(flags):
+        if flag.startswith("--") and (i + 1 == len(flags) or flags[i + 1].startswith("--")):  # a switch
+            assert args[flag[2:].replace("-", "_")] is True
+        elif flag.startswith("--"):
+            got, value = args[flag[2:].replace("-", "_")], flags[i + 1]
+            assert got == (value if isinstance(got, str) else float(value))
+    assert ("disc" in ckpt) == ("--gan" in flags)
 
 
 def test_variant_flags_are_validated(capsys, tmp_path):
