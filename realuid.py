@@ -68,6 +68,8 @@ class Config:
     alpha_sid: float = opt(None, "RealSiD (eq. 34): the generator loss's quadratic coefficient, 0.5 to 1.2",
                            type=float)
     normalized: bool = opt(False, "Normalized RealUID (Def. 4): minimise the non-squared l2 distance")
+    dmd: bool = opt(False, "DMD with real data (Lemma 5): needs alpha = beta")
+    dmd_t_max: float = opt(0.98, "DMD: times drawn from [0, t_max], where the score weight t/(1-t) stays finite")
     gan: bool = opt(False, "UID + GAN baseline (eq. 8): a discriminator head on the fake model's features")
     lambda_gen: float = opt(0.3, "GAN weight in the generator loss (paper: 0.3 training, 25 fine-tuning)")
     lambda_disc: float = opt(1.0, "GAN weight in the fake-model loss (paper: 1 training, 75 fine-tuning)")
@@ -140,9 +142,12 @@ def check_coefficients(alpha, beta, gamma=None):
 
 def check_config(cfg):
     check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
-    if sum((cfg.gamma is not None, cfg.alpha_sid is not None, cfg.normalized)) > 1:
-        raise UsageError("--gamma (General RealUID), --alpha-sid (RealSiD) and --normalized are different losses; "
-                         "give one")
+    if sum((cfg.gamma is not None, cfg.alpha_sid is not None, cfg.normalized, cfg.dmd)) > 1:
+        raise UsageError("--gamma (General RealUID), --alpha-sid (RealSiD), --normalized and --dmd are different "
+                         "losses; give one")
+    if cfg.dmd and (cfg.alpha != cfg.beta or not 0 < cfg.dmd_t_max < 1):
+        raise UsageError(f"--dmd needs alpha = beta (A.5: with alpha != beta the fake model is no mixture score and "
+                         f"the generator collapses) and 0 < --dmd-t-max < 1 (got alpha={cfg.alpha}, beta={cfg.beta})")
     lo, hi = (tuple(cfg.gan_t_range) + (None, None))[:2]
     if len(cfg.gan_t_range) != 2 or not 0 <= lo < hi <= 1 or cfg.lambda_gen < 0 or cfg.lambda_disc < 0:
         raise UsageError("--gan-t-range takes two times 0 <= lo < hi <= 1, and the GAN weights must be >= 0")
@@ -486,6 +491,14 @@ def gan_discriminator_loss(logits_gen, logits_real):
     return F.softplus(logits_gen) + F.softplus(-logits_real)
 
 
+def dmd_generator_loss(f_star, f, x_t, t, alpha):
+    # Lemma 5 (A.5): a <sg[s_fake - s*](x_t), x_t>, whose gradient is a (s_fake - s*) dx_t/dtheta, the gradient of
+    # KL(a p^theta_t + (1-a) p*_t || p*_t). On the FM path s_t(x) = (t f_t(x) - x) / (1 - t), so
+    # s_fake - s* = t / (1 - t) (f - f*).
+    t = pad_like(t, x_t)
+    return inner((alpha * t / (1 - t) * (f - f_star)).detach(), x_t)
+
+
 def fgm_generator_loss(f_star, f, u_gen):
     # eq. 7 (FGM): ||u* - u||^2 + 2 <u* - u, u - u_t(x_t | x_gen)>, u with frozen parameters
     d = f_star - f
@@ -594,17 +607,22 @@ class RealUID:
         cfg, m = self.cfg, self.matching
         x_gen = self.generator(torch.randn(shape, device=device), y)
         x0, t = self._noise_and_time(x_gen)
+        if cfg.dmd:
+            t = t * cfg.dmd_t_max
         x_t, u_gen = m.path(x0, x_gen, t), m.target(x0, x_gen, t)
         frozen = [self.fake] + ([self.disc] if cfg.gan else [])
         for net in frozen:  # gradients flow through x_t into G only
             net.requires_grad_(False)
         try:
-            f_star, f = self.teacher(t, x_t, y), self.fake(t, x_t, y)
+            with torch.set_grad_enabled(not cfg.dmd):  # DMD's gradient reaches G through x_t alone
+                f_star, f = self.teacher(t, x_t, y), self.fake(t, x_t, y)
             if cfg.gamma is not None:
                 loss = general_realuid_loss(f_star, f, u_gen, None, None, None, cfg.alpha, cfg.beta, cfg.gamma,
                                             cfg.parameterization)
             elif cfg.normalized:
                 loss = normalized_realuid_loss(f_star, f, u_gen, None, None, None, cfg.alpha, cfg.beta)
+            elif cfg.dmd:
+                loss = dmd_generator_loss(f_star, f, x_t, t, cfg.alpha)
             elif cfg.alpha_sid is not None:
                 loss = realsid_generator_loss(f_star, f, u_gen, cfg.alpha_sid, cfg.alpha, cfg.beta)
             else:

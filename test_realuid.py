@@ -507,6 +507,36 @@ def test_gan_adversarial_gradient_reaches_the_generator_only_on_generator_steps(
     assert any(moved)  # lambda_gen changed the generator's update: the adversarial gradient arrived
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.9, 0.6])
+def test_dmd_with_real_data_gradient_is_lemma5(alpha):
+    # The fake model trained by RealUM with alpha = beta is the field of the mixture a p^theta + (1-a) p* (eq. 22);
+    # the DMD generator loss then has the gradient of KL(a p^theta_t + (1-a) p*_t || p*_t) in mu_theta.
+    s_th, n = 1.1, 2_000_000
+    x = torch.linspace(-14, 14, 28001, dtype=torch.float64)
+
+    def kl(mu, t):
+        q = alpha * fm_density_1d(t, x, mu, s_th) + (1 - alpha) * fm_density_1d(t, x, MU_REAL, S_REAL)
+        return torch.trapezoid(q * torch.log(q / fm_density_1d(t, x, MU_REAL, S_REAL)), x).item()
+    for mu_th, t_val in ((-0.5, 0.5), (2.0, 0.8)):
+        g = torch.Generator().manual_seed(17)
+        mu = torch.tensor(mu_th, dtype=torch.float64, requires_grad=True)
+        x0, z = (torch.randn(n, 1, generator=g, dtype=torch.float64) for _ in range(2))
+        t = torch.full((n,), t_val, dtype=torch.float64)
+        x_t = R.FlowMatching().path(x0, mu + s_th * z, t)
+        f_star = fm_field_1d(t_val, x_t, MU_REAL, S_REAL)
+        f_fake = f_opt_1d(t_val, x_t, mu_th, s_th, alpha, alpha)
+        loss = R.dmd_generator_loss(f_star, f_fake, x_t, t, alpha).mean()
+        (grad,) = torch.autograd.grad(loss, mu)
+        h = 1e-4
+        exact = (kl(mu_th + h, t_val) - kl(mu_th - h, t_val)) / (2 * h)
+        assert abs(exact) > 0.05 and grad.item() == pytest.approx(exact, rel=0.03), (mu_th, t_val, grad, exact)
+
+
+def test_dmd_refuses_alpha_not_beta(capsys, tmp_path):
+    err = error_of(R.main, ["--dmd", "--alpha", "0.9", "--beta", "0.95", "--out", str(tmp_path)], capsys)
+    assert "alpha = beta" in err and "collapses" in err
+
+
 def test_general_realuid_with_gamma_alpha_trains_like_realuid():
     def run(gamma):
         state, _ = tiny_state(alpha=0.9, beta=0.95, K=2, seed=5, steps=12)
@@ -524,7 +554,7 @@ def test_general_realuid_with_gamma_alpha_trains_like_realuid():
 
 @pytest.mark.parametrize("flags", [["--gamma", "0.5", "--parameterization", "beta"], ["--alpha-sid", "1.2"],
                                    ["--alpha", "1", "--beta", "0.9", "--gamma", "0.5"], ["--normalized"],
-                                   ["--gan", "--lambda-gen", "0.5"]])
+                                   ["--gan", "--lambda-gen", "0.5"], ["--dmd", "--alpha", "0.9", "--beta", "0.9"]])
 def test_variants_run_end_to_end_on_2d(flags, toy_run, tmp_path):
     assert R.main(["--teacher", str(toy_run / "teacher.pt"), "--steps", "24", "--eval-samples", "500",
                    "--out", str(tmp_path)] + flags) == 0
@@ -537,6 +567,27 @@ def test_variants_run_end_to_end_on_2d(flags, toy_run, tmp_path):
         elif flag.startswith("--"):
             got, value = args[flag[2:].replace("-", "_")], flags[i + 1]
             assert got == (value if isinstance(got, str) else float(value))
+    assert ("disc" in ckpt) == ("--gan" in flags)
+
+
+VARIANTS = [[], ["--alpha", "1", "--beta", "1"], ["--gamma", "0.5", "--parameterization", "beta"],
+            ["--alpha-sid", "1.2"], ["--normalized"], ["--gan"], ["--dmd", "--alpha", "0.9", "--beta", "0.9"]]
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    assert teacher_py.main(["--dataset", "digits", "--cond", "--steps", "2", "--batch-size", "8", "--out", str(out)]
+                           + TINY_UNET) == 0
+    return out / "teacher.pt"
+
+
+@pytest.mark.parametrize("flags", VARIANTS)
+def test_every_variant_runs_on_digits(flags, digits_teacher, tmp_path):
+    assert R.main(["--dataset", "digits", "--cond", "--teacher", str(digits_teacher), "--steps", "6", "--K", "2",
+                   "--batch-size", "8", "--out", str(tmp_path)] + flags) == 0
+    ckpt = torch.load(R.latest_checkpoint(str(tmp_path)), weights_only=True)
+    assert ckpt["step"] == 6 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
     assert ("disc" in ckpt) == ("--gan" in flags)
 
 
