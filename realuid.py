@@ -1217,6 +1217,10 @@ def main(argv=None):
                                       "generator (Kornilov et al., ICLR 2026).")
     user = vars(p.parse_args(argv))
     try:
+        for flag, parent in (("parameterization", "gamma"), ("lambda_gen", "gan"), ("lambda_disc", "gan"),
+                             ("gan_t_range", "gan"), ("dmd_t_max", "dmd"), ("init_ema", "init_generator")):
+            if flag in user and not user.get(parent):
+                raise UsageError(f"--{flag.replace('_', '-')} applies only with --{parent.replace('_', '-')}")
         resume = None
         if user.get("resume"):
             path = latest_checkpoint(user["resume"])

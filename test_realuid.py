@@ -595,6 +595,10 @@ def test_variant_flags_are_validated(capsys, tmp_path):
     err = error_of(R.main, ["--gamma", "0.5", "--alpha-sid", "1.0", "--out", str(tmp_path)], capsys)
     assert "give one" in err
     assert "give one" in error_of(R.main, ["--normalized", "--alpha-sid", "1.0", "--out", str(tmp_path)], capsys)
+    assert "--parameterization applies only with --gamma" in error_of(R.main, ["--parameterization", "beta"], capsys)
+    assert "--lambda-gen applies only with --gan" in error_of(R.main, ["--lambda-gen", "0.3"], capsys)
+    assert "--gan-t-range" in error_of(R.main, ["--gan", "--gan-t-range", "0.9", "0.5", "--out", str(tmp_path)],
+                                       capsys)
     assert "unbounded" in error_of(R.main, ["--gamma", "1.2", "--out", str(tmp_path)], capsys)
     assert "--alpha-sid" in error_of(R.main, ["--alpha-sid", "3", "--out", str(tmp_path)], capsys)
     R.check_config(R.Config(alpha=1.0, beta=0.9, gamma=0.5))  # admissible with gamma < 1
