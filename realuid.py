@@ -19,8 +19,13 @@ Symbols and code:
     u_psi         the fake field ("fake")      G_theta OneStepGenerator: z + g(0, z)
     alpha, beta   RealUM coefficients (eq. 16) K       fake updates per generator update
 
-Measured (README has the details): the default run, 2 CPU cores, ends with the
-one-step generator's W2 to held-out data printed beside the teacher's.
+Measured on a 2-core AMD EPYC CPU, no GPU (README has the details): the default
+run takes 2 min 19 s; W2 to held-out data of the teacher at 1 step 3.79, at 100
+steps 0.52, of the one-step generator (best EMA) 0.54. Digits 16x16: teacher
+9 min, distillation 9.5 min, clean one-step digits.
+
+Sections: config | networks | flow matching | losses | generator and loop |
+sampling | data | checkpoints | main.
 """
 
 import argparse

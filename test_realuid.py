@@ -200,7 +200,8 @@ def test_lemma3_split_form_equals_difference_of_realum_losses(ab, dim, batch, co
     f_gen, f_real = fake(t, x_t, y), fake(t, xr_t, y)
     difference = (R.realum_loss(fs_gen, u_gen, fs_real, u_real, alpha, beta)
                   - R.realum_loss(f_gen, u_gen, f_real, u_real, alpha, beta))
-    split = R.general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, alpha, beta)
+    split = R.general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, alpha, beta, gamma=alpha,
+                                   parameterization="standard")  # Def. 3 at gamma = alpha is RealUID
     torch.testing.assert_close(split, difference, rtol=1e-9, atol=1e-9)
     for net in (fake, gen):
         for a, b in zip(grads(split, list(net.parameters())), grads(difference, list(net.parameters()))):
