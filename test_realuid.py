@@ -801,6 +801,15 @@ def test_tensorboard_logs_or_says_what_is_missing(tmp_path, capsys):
         assert R.main(argv) == 0 and os.listdir(tmp_path / "tensorboard")
 
 
+@pytest.mark.parametrize("main,argv", [(R.main, ["--help"]), (teacher_py.main, ["--help"]),
+                                       (eval_py.main, ["sample", "--help"])])
+def test_help_lists_the_flags(main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--out" in out and ("--alpha" in out or main is not R.main)
+
+
 def test_import_is_cheap_and_silent_and_bad_input_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['x', '--bogus']; import realuid"],
                          cwd=HERE, capture_output=True, text=True)
