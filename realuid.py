@@ -976,7 +976,7 @@ def batches(data, batch_size, device, seed=0, start=0, workers=2):
     else:
         x = data.x.to(device)
         y = None if data.y is None else data.y.to(device)
-        source = ((x[idx.to(device)], None if y is None else y[idx.to(device)]) for idx in indices)
+        source = ((x[i], None if y is None else y[i]) for i in (idx.to(device) for idx in indices))
     for xb, yb in source:
         if xb.dtype == torch.uint8:
             xb = xb.float() / 127.5 - 1
