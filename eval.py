@@ -1,23 +1,32 @@
-"""Sampling and metrics for realuid checkpoints.
+"""Sampling, FID, toy-data metrics and efficiency figures for realuid checkpoints.
 
     python eval.py sample runs/8gaussians --n 5000 --out samples.npy [--ema 0.99]
     python eval.py sample runs/digits --n 100 --out digits.npz        # + digits.png, a grid
     python eval.py sample runs/8gaussians/teacher.pt --n 5000 --out teacher.npy --steps 100
+    python eval.py fid runs/c10 --ema 0.9999          # the paper's protocol: 50k samples, clean-fid
+                                                      # legacy_tensorflow, CIFAR-10 train statistics, 3 runs
+    python eval.py fid runs/digits --features runs/digits/teacher.pt   # offline, not comparable to papers
+    python eval.py efficiency runs/c10                # the paper's Table 5: parameters, ms/image, memory
 
 Toy-data metrics: exact W2 between equal-size point clouds (an optimal
-assignment, scipy's linear_sum_assignment) and the energy distance.
+assignment, scipy's linear_sum_assignment), the energy distance, and mode
+coverage of a known Gaussian mixture.
 """
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
 
-from realuid import (UsageError, fail, latest_checkpoint, load_field, resolve_device, sample_field,
-                     save_grid)
+from realuid import (VERSION, Config, ImageFiles, UNet, UsageError, config_dict, count_parameters, fail, generate,
+                     latest_checkpoint, load_checkpoint, load_data, load_field, make_config, resolve_device,
+                     sample_field, save_checkpoint, save_grid, to_uint8)
 
 
 # =============================================================================
@@ -43,6 +52,20 @@ def energy_distance(x, y):
     return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
 
 
+def mode_coverage(x, centres, std, radius=3.0):
+    """(modes covered, in-mode fraction) of samples x against a Gaussian mixture with isotropic std.
+
+    A sample is in-mode within radius * std of its nearest centre (in 2D an exact sample is, with
+    probability 1 - exp(-radius^2 / 2) = 0.989 at radius 3); a mode is covered when it holds at least a
+    quarter of its fair share n / K of in-mode samples.
+    """
+    from scipy.spatial.distance import cdist
+    d = cdist(np.asarray(x, dtype=np.float64), np.asarray(centres, dtype=np.float64))
+    in_mode = d.min(1) < radius * std
+    counts = np.bincount(d.argmin(1)[in_mode], minlength=len(centres))
+    return int((counts >= 0.25 * len(x) / len(centres)).sum()), float(in_mode.mean())
+
+
 # =============================================================================
 # Sampling
 # =============================================================================
@@ -66,12 +89,18 @@ def report_lowdim(state, data, out, device, seed=0):
             "RealUID generator, 1 step": sample_field(state.generator.g, n, shape, device, None, k, seed)}
     for decay, net in state.ema.items():
         rows[f"RealUID EMA {decay}, 1 step"] = sample_field(net, n, shape, device, None, k, seed)
-    results = {}
-    print(f"\n{'model':<30} {'W2':>8} {'energy':>8}   (to {n} held-out real points)")
+    results, modes = {}, data.modes
+    print(f"\n{'model':<30} {'W2':>8} {'energy':>8}" + (f" {'modes':>6} {'in-mode':>8}" if modes else "")
+          + f"   (to {n} held-out real points)")
     for name, x in rows.items():
         x = to_data_units(x, info)
         results[name] = dict(w2=w2_distance(x, real), energy=energy_distance(x, real))
-        print(f"{name:<30} {results[name]['w2']:8.4f} {results[name]['energy']:8.4f}")
+        line = f"{name:<30} {results[name]['w2']:8.4f} {results[name]['energy']:8.4f}"
+        if modes:
+            covered, in_mode = mode_coverage(x, *modes)
+            results[name].update(modes=covered, in_mode=in_mode)
+            line += f" {covered:>4}/{len(modes[0])} {in_mode:8.3f}"
+        print(line)
         rows[name] = x
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -102,15 +131,354 @@ def plot_points(real, rows, results, path):
     plt.close(fig)
 
 
+# =============================================================================
+# FID: clean-fid's Inception (the paper's protocol) or an offline feature network
+# =============================================================================
+
+INCEPTION_DIR = "/tmp"  # where clean-fid looks for, and downloads, its Inception weights (not on Windows)
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the squared W2 distance of two Gaussians.
+
+    tr (S1 S2)^(1/2) is computed as tr (S1^(1/2) S2 S1^(1/2))^(1/2), whose eigenvalues are those of S1 S2 but
+    which is symmetric: two symmetric eigendecompositions give a real answer even for the near-singular
+    covariances of few samples, where scipy's sqrtm(S1 S2) returns complex parts (clean-fid then raises).
+    """
+    from scipy import linalg
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise UsageError(f"the two feature statistics differ in dimension ({len(mu1)} and {len(mu2)})")
+    w, v = linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    m = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean, 0.0))
+
+
+def statistics(features):
+    """Mean and covariance of N x D features, in float64 (as clean-fid)."""
+    features = np.asarray(features, np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+class InceptionFeatures:
+    """clean-fid's Inception pool features (2048) of uint8 images, in its `legacy_tensorflow` or `clean` mode."""
+
+    def __init__(self, mode, device):
+        from cleanfid import downloads_helper
+        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.resize import build_resizer
+        if mode not in ("legacy_tensorflow", "clean"):
+            raise UsageError(f"unknown FID mode {mode!r}: use legacy_tensorflow (the paper's) or clean")
+        try:
+            downloads_helper.check_download_inception(INCEPTION_DIR)
+            model = InceptionV3W(INCEPTION_DIR, download=False, resize_inside=mode == "legacy_tensorflow")
+        except Exception:
+            raise UsageError(f"clean-fid's Inception weights are missing and could not be downloaded: put "
+                             f"{INCEPTION_FILE} ({downloads_helper.inception_url}) into {INCEPTION_DIR}") from None
+        self.model, self.device, self.mode = model.to(device).eval(), device, mode
+        self.resize = None if mode == "legacy_tensorflow" else build_resizer(mode)
+        self.name = f"inception-{mode}"
+
+    @torch.no_grad()
+    def __call__(self, images):
+        images = images.expand(-1, 3, -1, -1)  # grey images as RGB
+        if self.resize is not None:  # clean-fid resizes each image on the CPU, in float (PIL bicubic)
+            images = torch.stack([torch.from_numpy(self.resize(im.permute(1, 2, 0).cpu().numpy())).permute(2, 0, 1)
+                                  for im in images])
+        return self.model(images.to(self.device)).cpu().numpy()
+
+
+class NetworkFeatures:
+    """Offline features: a realuid UNet's middle block at t = 1 (the data end), averaged over space.
+
+    For small or private data with no Inception at hand; its numbers are comparable only among themselves.
+    """
+
+    def __init__(self, path, device, image_size):
+        net, ckpt = load_field(path, "feature network", image_size=image_size)
+        if not hasattr(net, "input_blocks") or getattr(net, "num_classes", None) is not None:
+            raise UsageError(f"--features {path} must be an unconditional image network (a UNet teacher.pt)")
+        self.net, self.device = net.to(device).eval(), device
+        self.channels = ckpt["field"]["in_channels"]
+        st = os.stat(path)
+        self.name = f"net-{os.path.abspath(path)}-{st.st_size}-{st.st_mtime_ns}"
+
+    @torch.no_grad()
+    def __call__(self, images):
+        if images.shape[1] != self.channels:
+            raise UsageError(f"the feature network takes {self.channels}-channel images, these have "
+                             f"{images.shape[1]}")
+        x = images.to(self.device).float() / 127.5 - 1
+        return self.net.encode(torch.ones(len(x), device=self.device), x).mean((2, 3)).cpu().numpy()
+
+
+def real_images(data, batch_size=500):
+    """uint8 N x C x H x W batches of a data set as the generator sees it (resized, cropped; no flips)."""
+    if data.files is None:
+        yield from data.x.split(batch_size)
+        return
+    loader = torch.utils.data.DataLoader(ImageFiles(data.files, data.resolution), batch_size=batch_size)
+    yield from (x for x, _ in loader)
+
+
+class FID:
+    """The features and the reference statistics, prepared once; then FID(net, n, seed) per network.
+
+    ref: "cifar10" with Inception features takes clean-fid's precomputed CIFAR-10 train statistics (the
+    paper's protocol); a .npz holds mu and sigma; anything else names images as --dataset takes them, whose
+    statistics are computed once and cached in cache_dir.
+    """
+
+    def __init__(self, ref, features, mode, shape, device, cache_dir, load=None, batch_size=500, bf16=False):
+        mode = mode if mode != "auto" else "legacy_tensorflow" if ref == "cifar10" else "clean"
+        self.shape, self.device, self.batch_size, self.bf16 = tuple(shape), device, batch_size, bf16
+        if ref == "cifar10" and features == "inception":
+            if self.shape != (3, 32, 32):
+                raise UsageError(f"clean-fid's CIFAR-10 statistics are for 3x32x32 images, the generator makes "
+                                 f"{'x'.join(map(str, self.shape))}")
+            self.mu, self.sigma = clean_fid_statistics("cifar10", 32, mode, "train")
+            self.ref = f"clean-fid {mode}, CIFAR-10 train statistics"
+        elif ref.endswith(".npz"):
+            self.mu, self.sigma = read_statistics(ref)
+            self.ref = ref
+        self.extract = (InceptionFeatures(mode, device) if features == "inception"
+                        else NetworkFeatures(features, device, shape[-1]))
+        if not hasattr(self, "mu"):
+            self.mu, self.sigma, self.ref = self.data_statistics(ref, load, cache_dir)
+        self.describe = f"{'Inception, ' + mode if features == 'inception' else 'features of ' + features}; " \
+                        f"reference {self.ref}"
+
+    def data_statistics(self, ref, load, cache_dir):
+        data = load(ref)
+        if data.kind != "image" or tuple(data.shape()) != self.shape:
+            raise UsageError(f"the FID reference {ref} holds {'x'.join(map(str, data.shape()))} "
+                             f"{'images' if data.kind == 'image' else 'points'}, but the generator makes "
+                             f"{'x'.join(map(str, self.shape))} images")
+        key = hashlib.sha1(json.dumps([os.path.abspath(ref) if os.path.exists(ref) else ref, list(self.shape),
+                                       len(data), self.extract.name]).encode()).hexdigest()[:12]
+        path = os.path.join(cache_dir, f"fid-reference-{key}.npz")
+        if os.path.isfile(path):
+            mu, sigma = read_statistics(path)
+        else:
+            mu, sigma = statistics(np.concatenate([self.extract(x) for x in real_images(data, self.batch_size)]))
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}.npz"
+            np.savez(tmp, mu=mu, sigma=sigma, n=len(data), ref=ref)
+            os.replace(tmp, path)
+        return mu, sigma, f"{ref} ({len(data)} images; statistics cached in {path})"
+
+    def features(self, net, n, seed, steps=None, num_classes=None):
+        return np.concatenate([self.extract(to_uint8(x)) for x in generate(
+            net, n, self.shape, self.device, steps, num_classes, seed, self.batch_size, self.bf16,
+            progress=f"FID: {n} samples")])
+
+    def __call__(self, net, n, seed=0, steps=None, num_classes=None):
+        return frechet_distance(*statistics(self.features(net, n, seed, steps, num_classes)), self.mu, self.sigma)
+
+
+def clean_fid_statistics(name, res, mode, split):
+    from cleanfid import features
+    folder = os.path.join(os.path.dirname(features.__file__), "stats")
+    try:
+        return features.get_reference_statistics(name, res, mode=mode, split=split)
+    except Exception:
+        raise UsageError(f"clean-fid's reference statistics are missing and could not be downloaded: put "
+                         f"{name}_{mode}_{split}_{res}.npz into {folder}") from None
+
+
+def read_statistics(path):
+    try:
+        with np.load(path) as z:
+            return z["mu"], z["sigma"]
+    except (OSError, KeyError, ValueError) as e:
+        raise UsageError(f"{path} is not a .npz of FID statistics with mu and sigma ({e})") from None
+
+
+def load_reference_data(cfg_values):
+    """A loader of FID reference images given as --dataset takes them, at the training run's resolution."""
+    def load(ref):
+        return load_data(make_config(Config, dict(cfg_values, dataset=ref, cond=False)))
+    return load
+
+
+# =============================================================================
+# Model selection during training (--fid-every)
+# =============================================================================
+
+class ModelSelection:
+    """Scores the generator and every EMA; keeps best-<net>.pt (best-generator.pt, best-0.999.pt, ...) holding
+    the weights with the lowest score so far. Images: FID; low-dim data: W2 to the held-out points."""
+
+    def __init__(self, cfg, data, out, device, meta, resumed=False):
+        self.cfg, self.out, self.meta, self.device = cfg, out, meta, device
+        self.shape, self.num_classes = tuple(data.shape()), data.num_classes
+        if data.kind == "lowdim":
+            self.metric, real, info = "w2", data.x_test.numpy(), data.info("")
+            self.score = lambda net: w2_distance(to_data_units(
+                sample_field(net, len(real), self.shape, device, None, self.num_classes, cfg.seed), info), real)
+        else:
+            self.metric = "fid"
+            ref = cfg.fid_ref or ("cifar10" if cfg.dataset == "cifar10" else cfg.dataset)
+            load = load_reference_data(dict(resolution=data.shape()[-1], data_root=cfg.data_root))
+            fid = FID(ref, cfg.fid_features, "auto", self.shape, device, out,
+                      lambda r: data if r == cfg.dataset else load(r))
+            print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
+            self.score = lambda net: fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes)
+        self.best = {}  # a fresh run overwrites older best files; a resumed one keeps its best scores
+        for name in os.listdir(out) if resumed else []:
+            if name.startswith("best-") and name.endswith(".pt"):
+                self.best[name[5:-3]] = load_checkpoint(os.path.join(out, name))["score"]
+
+    def __call__(self, state, step):
+        nets = {"generator": state.generator.g, **{str(d): net for d, net in state.ema.items()}}
+        row = {}
+        for name, net in nets.items():
+            row[f"{self.metric}/{name}"] = value = self.score(net)
+            if value < self.best.get(name, math.inf):
+                self.best[name] = value
+                save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(self.cfg), **self.meta,
+                                     step=step, metric=self.metric, score=value, generator=net.state_dict()),
+                                os.path.join(self.out, f"best-{name}.pt"))
+        return row
+
+    def summary(self):
+        return ", ".join(f"best-{name}.pt {self.metric} {value:.4f}" for name, value in sorted(self.best.items()))
+
+
+# =============================================================================
+# Efficiency (the paper's Table 5): parameters, time per image, peak memory
+# =============================================================================
+
+def rss_bytes(field="VmRSS"):
+    """This process's resident (VmRSS) or peak resident (VmHWM) memory on Linux; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the peak resident size VmHWM to the current one (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device, base):
+    """(peak allocated, peak reserved) on CUDA; (peak resident above the process before the network, None)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    peak = rss_bytes("VmHWM")
+    return (None if peak is None or base is None else peak - base), None
+
+
+def time_sampling(net, shape, device, batch, steps, num_classes, repeats, budget):
+    """Median seconds of one batch (steps None: one-step generator), after two one-step warm-up calls."""
+    def run(s):
+        next(generate(net, batch, shape, device, s, num_classes, batch_size=batch))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(2):
+        run(None)
+    times, start = [], time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - start < budget):
+        t0 = time.perf_counter()
+        run(steps)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), len(times)
+
+
+def efficiency(net, shape, device, num_classes, batches, teacher_steps, repeats=10, budget=20.0, base=None):
+    rows = []
+    for what, steps in [("one-step generator", None)] + [(f"teacher, {n} Euler steps", n) for n in teacher_steps]:
+        for batch in batches:
+            reset_peak_memory(device)
+            seconds, runs = time_sampling(net, shape, device, batch, steps, num_classes, repeats, budget)
+            allocated, reserved = peak_memory(device, base)
+            rows.append(dict(model=what, batch=batch, ms_per_image=1000 * seconds / batch, runs=runs,
+                             peak_bytes=allocated, reserved_bytes=reserved))
+    return rows
+
+
+def load_net(args):
+    """(path, network, checkpoint, Euler steps): a generator takes one step (None), a teacher --steps or 100."""
+    path = latest_checkpoint(args.checkpoint)
+    net, ckpt = load_field(path, "checkpoint", args.ema,
+                           **(dict(image_size=args.resolution) if args.resolution else {}))
+    return path, net, ckpt, None if ckpt.get("kind") == "generator" else (getattr(args, "steps", None) or 100)
+
+
+def cmd_efficiency(args):
+    device = resolve_device(args.device)
+    base = rss_bytes() if device.type == "cpu" else None
+    if args.checkpoint == "cifar10":  # the paper's network; time and memory do not depend on the weights
+        net, shape, num_classes = UNet(), (3, 32, 32), None
+    else:
+        _, net, ckpt, _ = load_net(args)
+        shape, num_classes = tuple((ckpt.get("data") or {})["shape"]), (ckpt.get("data") or {}).get("num_classes")
+    batches = sorted({1, args.batch or (256 if device.type == "cuda" else 16)})
+    if min(args.teacher_steps, default=1) < 1 or args.repeats < 1:
+        raise UsageError("--teacher-steps and --repeats must be positive")
+    rows = efficiency(net, shape, device, num_classes, batches, args.teacher_steps, args.repeats, args.budget, base)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    mem = "peak allocated / reserved MB" if device.type == "cuda" else "peak RSS above idle, MB"
+    print(f"{count_parameters(net) / 1e6:.2f} M parameters, {'x'.join(map(str, shape))}, fp32, on {name}")
+    print(f"{'model':<28} {'batch':>6} {'ms/image':>10} {'runs':>5}   {mem}")
+    for r in rows:
+        peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+        if r["reserved_bytes"] is not None:
+            peak += f" / {r['reserved_bytes'] / 2**20:.0f}"
+        print(f"{r['model']:<28} {r['batch']:>6} {r['ms_per_image']:>10.2f} {r['runs']:>5}   {peak}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(parameters=count_parameters(net), device=name, rows=rows), f, indent=2)
+    return rows
+
+
+def cmd_fid(args):
+    path, net, ckpt, steps = load_net(args)
+    info, config = ckpt.get("data") or {}, ckpt.get("config") or {}
+    if info.get("kind") != "image":
+        raise UsageError(f"{path} generates points, not images: FID is for images (low-dim runs print W2, "
+                         f"energy distance and mode coverage)")
+    if args.n < 2 or args.repeats < 1:
+        raise UsageError("--n must be at least 2 and --repeats positive")
+    device = resolve_device(args.device)
+    ref = args.ref or ("cifar10" if config.get("dataset") == "cifar10" else config.get("dataset", ""))
+    if not ref:
+        raise UsageError(f"{path} does not name its data set: pass --ref")
+    load = load_reference_data(dict(resolution=info["shape"][-1], data_root=args.data_root
+                                    or config.get("data_root", "data")))
+    fid = FID(ref, args.features, args.mode, info["shape"], device, os.path.dirname(os.path.abspath(path)), load,
+              args.batch_size, args.bf16)
+    what = "one-step generator" if steps is None else f"teacher, {steps} Euler steps"
+    print(f"FID of {path} ({what}), {args.n} samples x {args.repeats}: {fid.describe}")
+    scores = [fid(net, args.n, args.seed + r, steps, info.get("num_classes")) for r in range(args.repeats)]
+    spread = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+    print(f"FID {np.mean(scores):.4f} +- {spread:.4f} (mean +- std over {len(scores)} runs: "
+          f"{', '.join(f'{s:.4f}' for s in scores)})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(checkpoint=path, fid=scores, mean=float(np.mean(scores)), std=spread, n=args.n,
+                           reference=fid.describe), f, indent=2)
+    return scores
+
+
 def cmd_sample(args):
     if args.n < 1:
         raise UsageError("--n must be positive")
-    kw = {}
-    if args.resolution:
-        kw = dict(image_size=args.resolution)
-    net, ckpt = load_field(latest_checkpoint(args.checkpoint), "checkpoint", args.ema, **kw)
+    _, net, ckpt, steps = load_net(args)
     info = ckpt.get("data") or {}
-    steps = None if ckpt.get("kind") == "generator" else (args.steps or 100)
     device = resolve_device(args.device)
     x = sample_field(net, args.n, tuple(info["shape"]), device, steps, info.get("num_classes"), args.seed)
     what = "one-step generator" if steps is None else f"teacher, {steps} Euler steps"
@@ -118,7 +486,7 @@ def cmd_sample(args):
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     if info.get("kind") == "image":
         save_grid(x[:min(len(x), args.grid)], os.path.splitext(out)[0] + ".png")
-        images = np.round((x.clamp(-1, 1).numpy() + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+        images = to_uint8(x).numpy().transpose(0, 2, 3, 1)
         if out.endswith(".npz"):
             labels = np.arange(args.n) % info["num_classes"] if info.get("num_classes") else None
             np.savez(out, images=images, **({} if labels is None else dict(labels=labels)))
@@ -136,23 +504,55 @@ def cmd_sample(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sampling and metrics for realuid checkpoints.")
+    p = argparse.ArgumentParser(description="Sampling, FID and efficiency figures for realuid checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def checkpoint_args(s, what):
+        s.add_argument("checkpoint", help=what)
+        s.add_argument("--ema", type=float, default=None, help="EMA decay to use (default: the smallest)")
+        s.add_argument("--resolution", type=int, default=0, help="image side, for torchcfm / official teacher files")
+        s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
     s = sub.add_parser("sample", help="write samples of a checkpoint to a .npy file")
-    s.add_argument("checkpoint", help="a realuid.py checkpoint or output folder, or a teacher file")
+    checkpoint_args(s, "a realuid.py checkpoint or output folder, or a teacher file")
     s.add_argument("--n", type=int, default=10_000, help="number of samples")
     s.add_argument("--out", default="samples.npy",
                    help="a .npy file; for images also .npz (images, labels) or a folder of PNGs, plus a PNG grid")
     s.add_argument("--grid", type=int, default=100, help="images in the PNG grid")
-    s.add_argument("--resolution", type=int, default=0, help="image side, for torchcfm / official teacher files")
-    s.add_argument("--ema", type=float, default=None, help="EMA decay to sample (default: the smallest)")
     s.add_argument("--steps", type=int, default=None,
                    help="Euler steps of a teacher (default 100); a generator always takes one")
-    s.add_argument("--device", default="auto")
     s.add_argument("--seed", type=int, default=0)
+
+    f = sub.add_parser("fid", help="FID of a generator (or a teacher): the paper's protocol by default")
+    checkpoint_args(f, "a realuid.py checkpoint, output folder or best-<net>.pt, or a teacher file")
+    f.add_argument("--n", type=int, default=50_000, help="generated images per run (the paper: 50000)")
+    f.add_argument("--repeats", type=int, default=3, help="runs with fresh samples, averaged (the paper: 3)")
+    f.add_argument("--ref", default="", help="cifar10 (clean-fid's train statistics), a .npz of mu and sigma, or "
+                                             "images as realuid.py's --dataset takes them (a folder, digits, "
+                                             "PATH.npy); default: the checkpoint's training data")
+    f.add_argument("--mode", default="auto", choices=("auto", "legacy_tensorflow", "clean"),
+                   help="clean-fid mode; auto: legacy_tensorflow against cifar10's statistics, else clean")
+    f.add_argument("--features", default="inception",
+                   help="inception (clean-fid), or an offline UNet file (a teacher.pt): not comparable to "
+                        "published FIDs")
+    f.add_argument("--data-root", default="", help="where cifar10 is found (default: the training run's)")
+    f.add_argument("--batch-size", type=int, default=500, help="images generated per batch")
+    f.add_argument("--bf16", action="store_true", help="generate in bf16 autocast (the features stay fp32)")
+    f.add_argument("--steps", type=int, default=None, help="Euler steps of a teacher (default 100)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the first run; run r uses seed + r")
+    f.add_argument("--out", default="", help="also write the scores to this .json")
+
+    e = sub.add_parser("efficiency", help="parameters, milliseconds per image and peak memory (Table 5)")
+    checkpoint_args(e, "a realuid.py checkpoint, output folder or teacher file; or cifar10: the paper's UNet "
+                       "with random weights")
+    e.add_argument("--batch", type=int, default=0, help="the large batch (default 256 on CUDA, 16 on the CPU)")
+    e.add_argument("--teacher-steps", type=int, nargs="*", default=[100], help="Euler steps of the teacher rows")
+    e.add_argument("--repeats", type=int, default=10, help="timed runs per row (median)")
+    e.add_argument("--budget", type=float, default=20.0, help="seconds per row after which no new run starts")
+    e.add_argument("--out", default="", help="also write the rows to this .json")
     args = p.parse_args(argv)
     try:
-        {"sample": cmd_sample}[args.command](args)
+        {"sample": cmd_sample, "fid": cmd_fid, "efficiency": cmd_efficiency}[args.command](args)
     except UsageError as e:
         return fail("eval.py", e)
     return 0

@@ -110,20 +110,28 @@ class Config:
     hidden: int = opt(256, "MLP width (low-dimensional data)")
     teacher_steps: int = opt(5000, "updates of the on-the-spot teacher (low-dim data, no --teacher)")
     eval_samples: int = opt(2000, "held-out points for the final metrics (low-dim data)")
+    fid_every: int = opt(0, "updates between FID scores of the generator and every EMA, keeping best-<net>.pt "
+                            "for each (low-dim data: W2 to the held-out points); 0: off")
+    fid_samples: int = opt(50_000, "generated images per FID score (the paper: 50000)")
+    fid_ref: str = opt("", "FID reference: cifar10 (clean-fid's train statistics), a .npz of mu and sigma, "
+                           "or images as --dataset takes them (default: cifar10's statistics for cifar10, "
+                           "else the training data)")
+    fid_features: str = opt("inception", "FID features: clean-fid's Inception, or an offline network file "
+                                         "(a teacher.pt; not comparable to published FIDs)")
 
 
 # The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a
 # laptop CPU. A flag the user gives wins over any recipe.
 RECIPES = dict(
     lowdim=dict(lr=3e-4, batch_size=512, steps=6000, warmup=100, ema=(0.95, 0.99, 0.995),
-                log_every=50, save_every=2000),
+                log_every=50, save_every=2000, fid_every=3000),
     digits=dict(lr=3e-4, batch_size=64, steps=1200, warmup=100, ema=(0.95, 0.99, 0.995),
-                log_every=50, save_every=600, sample_every=300),
+                log_every=50, save_every=600, sample_every=300, fid_samples=2000),
     image={})
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
 DATA_FIELDS = ("dataset", "cond", "seed", "eval_samples", "resolution", "data_root")
 RESUMABLE = ("steps", "out", "device", "workers", "log_every", "save_every", "keep", "sample_every",
-             "tensorboard", "resume")
+             "tensorboard", "fid_every", "fid_samples", "resume")
 
 
 def check_coefficients(alpha, beta, gamma=None):
@@ -158,12 +166,13 @@ def check_config(cfg):
         raise UsageError("--gan-t-range takes two times 0 <= lo < hi <= 1, and the GAN weights must be >= 0")
     if cfg.alpha_sid is not None and not 0 < cfg.alpha_sid <= 2:
         raise UsageError(f"--alpha-sid must lie in (0, 2]; the paper uses 0.5 to 1.2 (got {cfg.alpha_sid})")
-    for name in ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden"):
+    for name in ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden",
+                 "fid_samples"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer "
                              f"(got {getattr(cfg, name)})")
-    if cfg.lr <= 0 or cfg.warmup < 0 or cfg.grad_clip <= 0:
-        raise UsageError("--lr and --grad-clip must be positive and --warmup non-negative")
+    if cfg.lr <= 0 or cfg.warmup < 0 or cfg.grad_clip <= 0 or cfg.fid_every < 0:
+        raise UsageError("--lr and --grad-clip must be positive, --warmup and --fid-every non-negative")
     if not cfg.ema or not all(0 < d < 1 for d in cfg.ema):
         raise UsageError(f"every --ema decay must lie in (0, 1) (got {list(cfg.ema)})")
 
@@ -674,10 +683,11 @@ class RealUID:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
 
-def distill(state, batches, out=None, meta=None, sample_fn=None):
+def distill(state, batches, out=None, meta=None, sample_fn=None, score_fn=None):
     """The loop: K fake updates, then one generator update, until cfg.steps updates in all.
 
-    meta (data info and field spec) goes into every checkpoint; sample_fn(state, step) writes grids.
+    meta (data info and field spec) goes into every checkpoint; sample_fn(state, step) writes grids;
+    score_fn(state, step) -> {name: score} runs every cfg.fid_every updates (model selection, eval.py).
     Ctrl-C or SIGTERM stops at the next update boundary with a checkpoint; returns False then.
     """
     from tqdm import tqdm
@@ -691,6 +701,14 @@ def distill(state, batches, out=None, meta=None, sample_fn=None):
     def save():
         save_rotating(dict(version=VERSION, kind="generator", config=config_dict(cfg), **(meta or {}),
                            **state.state_dict()), out, state.step, cfg.keep)
+
+    def record(row):
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if writer:
+            for k, v in row.items():
+                writer.add_scalar(k, v, row["step"])
     handlers = catch_signals(lambda *_: stop.append(True)) if out else {}
     try:
         while state.step < cfg.steps and not stop:
@@ -704,15 +722,13 @@ def distill(state, batches, out=None, meta=None, sample_fn=None):
             if step % cfg.log_every == 0 or step == cfg.steps:
                 row = {k: round(float(v), 6) for k, v in last.items()}  # the only host sync
                 bar.set_postfix(fake=row.get("fake_loss"), gen=row.get("gen_loss"), refresh=False)
-                row.update(step=step, lr=state.sched_gen.get_last_lr()[0], time=round(time.time() - start, 2))
-                if log:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                if writer:
-                    for k, v in row.items():
-                        writer.add_scalar(k, v, step)
+                record(dict(row, step=step, lr=state.sched_gen.get_last_lr()[0], time=round(time.time() - start, 2)))
             if sample_fn and (step % cfg.sample_every == 0 or step == cfg.steps):
                 sample_fn(state, step)
+            if score_fn and cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps):
+                scores = score_fn(state, step)
+                bar.write(f"update {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+                record(dict(step=step, **scores))
             if out and (step % cfg.save_every == 0 or step == cfg.steps or stop):
                 save()
     finally:
@@ -752,19 +768,39 @@ def class_labels(n, num_classes, device):
 
 
 @torch.no_grad()
-def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_size=1000):
-    """n samples: the one-step generator z + g(0, z) when steps is None, else Euler with steps."""
+def generate(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_size=1000, bf16=False,
+             progress=None):
+    """Batches of n samples: the one-step generator z + g(0, z) when steps is None, else Euler with steps.
+
+    No gradients, eval mode, noise from a generator seeded by `seed`; bf16 autocast for the network when asked.
+    progress: a tqdm description, or None for no bar.
+    """
+    from tqdm import tqdm
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training, net = net.training, net.to(device).eval()
-    out, labels = [], class_labels(n, num_classes, device)
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        z = torch.randn(b, *shape, generator=gen, device=device)
-        y = None if labels is None else labels[start:start + b]
-        x = OneStepGenerator(net)(z, y) if steps is None else FlowMatching().sample(net, z, steps, y)
-        out.append(x.float().cpu())
-    net.train(was_training)
-    return torch.cat(out)
+    labels = class_labels(n, num_classes, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    try:
+        for start in tqdm(range(0, n, batch_size), desc=progress, disable=progress is None or None,
+                          unit="batch", leave=False):
+            b = min(batch_size, n - start)
+            z = torch.randn(b, *shape, generator=gen, device=device)
+            y = None if labels is None else labels[start:start + b]
+            with autocast:
+                x = OneStepGenerator(net)(z, y) if steps is None else FlowMatching().sample(net, z, steps, y)
+            yield x.float()
+    finally:
+        net.train(was_training)
+
+
+def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_size=1000):
+    """n samples on the CPU (see generate)."""
+    return torch.cat([x.cpu() for x in generate(net, n, shape, device, steps, num_classes, seed, batch_size)])
+
+
+def to_uint8(x):
+    """Images in [-1, 1] to 0..255 as torchcfm's FID script does: (x * 127.5 + 128) clipped, truncated."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 def save_grid(x, path):
@@ -807,6 +843,7 @@ class Data:
     flip: bool = False  # random horizontal flips (images)
     files: list = None  # an image folder, read by a DataLoader
     resolution: int = None
+    modes: tuple = None  # (centres, std) of a known Gaussian mixture, in data units (mode coverage)
 
     def __len__(self):
         return len(self.files) if self.files is not None else len(self.x)
@@ -822,13 +859,19 @@ class Data:
                     std=None if self.std is None else self.std.tolist())
 
 
-def eight_gaussians(n, seed, radius=4.0, std=0.4):
+EIGHT_GAUSSIANS = dict(radius=4.0, std=0.4)
+
+
+def eight_gaussians_centres(radius=EIGHT_GAUSSIANS["radius"]):
+    angle = torch.arange(8) * (2 * math.pi / 8)
+    return radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+
+
+def eight_gaussians(n, seed):
     """The built-in 2D data: 8 Gaussians on a circle, labels = mode index."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(8, (n,), generator=g)
-    angle = y.float() * (2 * math.pi / 8)
-    centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
-    return centres + std * torch.randn(n, 2, generator=g), y
+    return eight_gaussians_centres()[y] + EIGHT_GAUSSIANS["std"] * torch.randn(n, 2, generator=g), y
 
 
 def load_npy(path):
@@ -916,6 +959,7 @@ def load_data(cfg):
     if name == "8gaussians":
         x, y = eight_gaussians(20_000, seed=1234)
         data = standardise(x, y, 8, eight_gaussians(cfg.eval_samples, seed=4321)[0])
+        data.modes = (eight_gaussians_centres().numpy(), EIGHT_GAUSSIANS["std"])
     elif name == "cifar10":
         x, y = load_cifar10(cfg.data_root)
         data = Data(x=x, y=y, num_classes=10, kind="image", recipe="image", flip=True)
@@ -1237,7 +1281,7 @@ def main(argv=None):
                 raise UsageError(f"--resume continues the saved configuration; only "
                                  f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:-1])} may change "
                                  f"(got --{fixed[0].replace('_', '-')})")
-            saved = {k: v for k, v in resume["config"].items() if k not in RESUMABLE}
+            saved = {k: v for k, v in resume["config"].items() if k != "resume"}  # the flags given win
             user = {**saved, "init_generator": "", "out": os.path.dirname(os.path.abspath(path)),
                     **{k: v for k, v in user.items() if k in RESUMABLE}}
         cfg = make_config(Config, {k: v for k, v in user.items() if k in DATA_FIELDS})
@@ -1263,6 +1307,11 @@ def main(argv=None):
         state = RealUID(cfg, teacher, fake.to(device), g.to(device), fake_spec=spec)
         if resume is not None:
             state.load_state_dict(resume)
+        meta = dict(data=data.info(cfg.dataset), field=spec)
+        scorer = None
+        if cfg.fid_every:  # built before training, so that a missing download fails now, not after hours
+            import eval as eval_py
+            scorer = eval_py.ModelSelection(cfg, data, out, device, meta, resumed=resume is not None)
     except UsageError as e:
         return fail("realuid.py", e)
     with open(os.path.join(out, "arguments.json"), "w") as f:
@@ -1273,13 +1322,15 @@ def main(argv=None):
     grids = grid_writer(out, data.shape(), data.num_classes, device) if data.kind == "image" else None
     try:
         finished = distill(state, batches(data, cfg.batch_size, device, cfg.seed, state.step, cfg.workers), out,
-                           dict(data=data.info(cfg.dataset), field=spec), grids)
+                           meta, grids, scorer)
     except UsageError as e:
         return fail("realuid.py", e)
     if not finished:
         print(f"interrupted at update {state.step}: checkpoint saved; continue with --resume {out}")
         return 130
     print(f"distillation took {time.time() - t0:.0f} s; checkpoints in {out}")
+    if scorer:
+        print(f"model selection: {scorer.summary()}")
     if data.kind == "lowdim":
         import eval as eval_py
         eval_py.report_lowdim(state, data, out, device, cfg.seed)
