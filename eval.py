@@ -237,19 +237,18 @@ class FID:
     def __init__(self, ref, features, mode, shape, device, cache_dir, load=None, batch_size=500, bf16=False):
         mode = mode if mode != "auto" else "legacy_tensorflow" if ref == "cifar10" else "clean"
         self.shape, self.device, self.batch_size, self.bf16 = tuple(shape), device, batch_size, bf16
+        reference = None  # precomputed statistics are read first: a missing download fails before any work
         if ref == "cifar10" and features == "inception":
             if self.shape != (3, 32, 32):
                 raise UsageError(f"clean-fid's CIFAR-10 statistics are for 3x32x32 images, the generator makes "
                                  f"{'x'.join(map(str, self.shape))}")
-            self.mu, self.sigma = clean_fid_statistics("cifar10", 32, mode, "train")
-            self.ref = f"clean-fid {mode}, CIFAR-10 train statistics"
+            reference = (*clean_fid_statistics("cifar10", 32, mode, "train"),
+                         f"clean-fid {mode}, CIFAR-10 train statistics")
         elif ref.endswith(".npz"):
-            self.mu, self.sigma = read_statistics(ref)
-            self.ref = ref
+            reference = (*read_statistics(ref), ref)
         self.extract = (InceptionFeatures(mode, device) if features == "inception"
                         else NetworkFeatures(features, device, shape[-1]))
-        if not hasattr(self, "mu"):
-            self.mu, self.sigma, self.ref = self.data_statistics(ref, load, cache_dir)
+        self.mu, self.sigma, self.ref = reference or self.data_statistics(ref, load, cache_dir)
         self.describe = f"{'Inception, ' + mode if features == 'inception' else 'features of ' + features}; " \
                         f"reference {self.ref}"
 
@@ -265,7 +264,10 @@ class FID:
         if os.path.isfile(path):
             mu, sigma = read_statistics(path)
         else:
-            mu, sigma = statistics(np.concatenate([self.extract(x) for x in real_images(data, self.batch_size)]))
+            from tqdm import tqdm
+            batches = tqdm(real_images(data, self.batch_size), desc=f"FID reference: {len(data)} images",
+                           total=math.ceil(len(data) / self.batch_size), unit="batch", disable=None, leave=False)
+            mu, sigma = statistics(np.concatenate([self.extract(x) for x in batches]))
             os.makedirs(cache_dir, exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}.npz"
             np.savez(tmp, mu=mu, sigma=sigma, n=len(data), ref=ref)

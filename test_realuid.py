@@ -1148,6 +1148,12 @@ def test_bf16_generation_is_close_to_fp32_but_not_identical():
     assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
     assert (bf16 - fp32).norm() < 2e-2 * fp32.norm()
     assert torch.equal(fp32, R.sample_field(net, 300, (2,), torch.device("cpu"), batch_size=100))
+    # eval mode while generating (dropout off: the same seed gives the same samples), train mode restored
+    unet = R.UNet(in_channels=1, image_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_resolutions=(), dropout=0.5)
+    randomise_(unet)
+    a, b = (R.sample_field(unet, 4, (1, 8, 8), torch.device("cpu"), steps=2) for _ in range(2))
+    assert torch.equal(a, b) and unet.training
     assert R.to_uint8(torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0])).tolist() == [0, 0, 128, 255, 255]
 
 
