@@ -24,9 +24,9 @@ import time
 import numpy as np
 import torch
 
-from realuid import (VERSION, Config, ImageFiles, UNet, UsageError, config_dict, count_parameters, fail, generate,
-                     latest_checkpoint, load_checkpoint, load_data, load_field, make_config, resolve_device,
-                     sample_field, save_checkpoint, save_grid, to_uint8)
+from realuid import (DATA_FIELDS, VERSION, Config, ImageFiles, UNet, UsageError, config_dict, count_parameters,
+                     fail, generate, latest_checkpoint, load_checkpoint, load_data, load_field, make_config,
+                     matching_model, resolve_device, sample_field, save_checkpoint, save_grid, to_uint8)
 
 
 # =============================================================================
@@ -77,35 +77,69 @@ def to_data_units(x, data_info):
     return x.numpy()
 
 
+class HeldOut:
+    """Low-dim evaluation: samples in data units beside the held-out real points. Coupled data (pairs) are
+    compared as joint points (x_T, x1), each net fed the held-out sources x_T."""
+
+    def __init__(self, data, matching, device, seed=0):
+        self.data, self.matching, self.device, self.seed = data, matching, device, seed
+        self.info, self.n, self.dim = data.info(""), len(data.x_test), data.shape()[0]
+        self.real = self.points(data.x_test, data.src_test, data_units=True)
+
+    def points(self, x, src=None, data_units=False):
+        x = x.numpy() if data_units else to_data_units(x, self.info)
+        return x if src is None else np.concatenate([to_data_units(src, self.info), x], 1)
+
+    def sample(self, net, steps=None):
+        d = self.data
+        return self.points(sample_field(net, self.n, (self.dim,), self.device, steps, d.num_classes, self.seed,
+                                        matching=self.matching, sources=d.src_test), d.src_test)
+
+    def floor(self):
+        """As many training points as held-out ones: the metric's finite-sample floor."""
+        d = self.data
+        idx = torch.randperm(len(d.x), generator=torch.Generator().manual_seed(self.seed))[:self.n]
+        return self.points(d.x[idx], d.y[idx] if d.coupled else None)
+
+    def metrics(self, pts):
+        out = dict(w2=w2_distance(pts, self.real), energy=energy_distance(pts, self.real))
+        if self.data.modes is not None:
+            x = pts[:, -self.dim:]
+            out["modes"], out["in_mode"] = mode_coverage(x, *self.data.modes)
+            if self.data.coupled:
+                out["paired"] = paired_fraction(pts[:, :self.dim], x, self.data.modes[0])
+        return out
+
+
+def paired_fraction(src, x, centres):
+    """The built-in pairs task: the fraction of x whose nearest mode neighbours the source's on the ring."""
+    from scipy.spatial.distance import cdist
+    k_src, k_x = cdist(src, centres).argmin(1), cdist(x, centres).argmin(1)
+    return float(np.isin((k_x - k_src) % len(centres), (1, len(centres) - 1)).mean())
+
+
 def report_lowdim(state, data, out, device, seed=0):
-    """The default run's closing table: W2 and energy distance to held-out real data, and a scatter plot."""
-    n, info = len(data.x_test), data.info("")
-    real = data.x_test.numpy()
-    shape, k = tuple(data.x.shape[1:]), data.num_classes
-    floor = data.x[torch.randperm(len(data.x), generator=torch.Generator().manual_seed(seed))[:n]]
-    rows = {"real training points": floor,  # the metric's finite-sample floor
-            "teacher, 1 step": sample_field(state.teacher, n, shape, device, 1, k, seed),
-            "teacher, 100 steps": sample_field(state.teacher, n, shape, device, 100, k, seed),
-            "RealUID generator, 1 step": sample_field(state.generator.g, n, shape, device, None, k, seed)}
+    """The default run's closing table: W2, energy distance and mode coverage against held-out real data,
+    and a scatter plot."""
+    held = HeldOut(data, state.matching, device, seed)
+    rows = {"real training points": held.floor(),
+            "teacher, 1 step": held.sample(state.teacher, 1),
+            "teacher, 100 steps": held.sample(state.teacher, 100),
+            "RealUID generator, 1 step": held.sample(state.generator.g)}
     for decay, net in state.ema.items():
-        rows[f"RealUID EMA {decay}, 1 step"] = sample_field(net, n, shape, device, None, k, seed)
-    results, modes = {}, data.modes
-    print(f"\n{'model':<30} {'W2':>8} {'energy':>8}" + (f" {'modes':>6} {'in-mode':>8}" if modes else "")
-          + f"   (to {n} held-out real points)")
-    for name, x in rows.items():
-        x = to_data_units(x, info)
-        results[name] = dict(w2=w2_distance(x, real), energy=energy_distance(x, real))
-        line = f"{name:<30} {results[name]['w2']:8.4f} {results[name]['energy']:8.4f}"
-        if modes:
-            covered, in_mode = mode_coverage(x, *modes)
-            results[name].update(modes=covered, in_mode=in_mode)
-            line += f" {covered:>4}/{len(modes[0])} {in_mode:8.3f}"
-        print(line)
-        rows[name] = x
+        rows[f"RealUID EMA {decay}, 1 step"] = held.sample(net)
+    results = {name: held.metrics(pts) for name, pts in rows.items()}
+    columns = [c for c in ("modes", "in_mode", "paired") if c in results["teacher, 1 step"]]
+    print(f"\n{'model':<30} {'W2':>8} {'energy':>8}" + "".join(f" {c.replace('_', '-'):>8}" for c in columns)
+          + f"   (to {held.n} held-out real {'pairs' if data.coupled else 'points'})")
+    for name, r in results.items():
+        print(f"{name:<30} {r['w2']:8.4f} {r['energy']:8.4f}" + "".join(
+            f" {r[c]:>6}/{len(data.modes[0])}" if c == "modes" else f" {r[c]:8.3f}" for c in columns))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    if real.shape[1] >= 2:
-        plot_points(real, rows, results, os.path.join(out, "samples.png"))
+    if held.dim >= 2:
+        plot_points(held.real[:, -held.dim:], {k: v[:, -held.dim:] for k, v in rows.items()}, results,
+                    os.path.join(out, "samples.png"))
         print(f"\nscatter plot of real and generated points: {os.path.join(out, 'samples.png')}")
     return results
 
@@ -274,13 +308,14 @@ class FID:
             os.replace(tmp, path)
         return mu, sigma, f"{ref} ({len(data)} images; statistics cached in {path})"
 
-    def features(self, net, n, seed, steps=None, num_classes=None):
+    def features(self, net, n, seed, steps=None, num_classes=None, matching=None):
         return np.concatenate([self.extract(to_uint8(x)) for x in generate(
             net, n, self.shape, self.device, steps, num_classes, seed, self.batch_size, self.bf16,
-            progress=f"FID: {n} samples")])
+            progress=f"FID: {n} samples", matching=matching)])
 
-    def __call__(self, net, n, seed=0, steps=None, num_classes=None):
-        return frechet_distance(*statistics(self.features(net, n, seed, steps, num_classes)), self.mu, self.sigma)
+    def __call__(self, net, n, seed=0, steps=None, num_classes=None, matching=None):
+        return frechet_distance(*statistics(self.features(net, n, seed, steps, num_classes, matching)), self.mu,
+                                self.sigma)
 
 
 def clean_fid_statistics(name, res, mode, split):
@@ -316,13 +351,12 @@ class ModelSelection:
     """Scores the generator and every EMA; keeps best-<net>.pt (best-generator.pt, best-0.999.pt, ...) holding
     the weights with the lowest score so far. Images: FID; low-dim data: W2 to the held-out points."""
 
-    def __init__(self, cfg, data, out, device, meta, resumed=False):
+    def __init__(self, cfg, data, out, device, meta, matching=None, resumed=False):
         self.cfg, self.out, self.meta, self.device = cfg, out, meta, device
         self.shape, self.num_classes = tuple(data.shape()), data.num_classes
         if data.kind == "lowdim":
-            self.metric, real, info = "w2", data.x_test.numpy(), data.info("")
-            self.score = lambda net: w2_distance(to_data_units(
-                sample_field(net, len(real), self.shape, device, None, self.num_classes, cfg.seed), info), real)
+            self.metric, held = "w2", HeldOut(data, matching, device, cfg.seed)
+            self.score = lambda net: w2_distance(held.sample(net), held.real)
         else:
             self.metric = "fid"
             ref = cfg.fid_ref or ("cifar10" if cfg.dataset == "cifar10" else cfg.dataset)
@@ -330,7 +364,7 @@ class ModelSelection:
             fid = FID(ref, cfg.fid_features, "auto", self.shape, device, out,
                       lambda r: data if r == cfg.dataset else load(r))
             print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
-            self.score = lambda net: fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes)
+            self.score = lambda net: fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching)
         self.best = {}  # a fresh run overwrites older best files; a resumed one keeps its best scores
         for name in os.listdir(out) if resumed else []:
             if name.startswith("best-") and name.endswith(".pt"):
@@ -384,10 +418,13 @@ def peak_memory(device, base):
     return (None if peak is None or base is None else peak - base), None
 
 
-def time_sampling(net, shape, device, batch, steps, num_classes, repeats, budget):
+def time_sampling(net, shape, device, batch, steps, num_classes, repeats, budget, matching=None):
     """Median seconds of one batch (steps None: one-step generator), after two one-step warm-up calls."""
+    sources = torch.zeros(batch, *shape) if matching is not None and matching.coupled else None
+
     def run(s):
-        next(generate(net, batch, shape, device, s, num_classes, batch_size=batch))
+        next(generate(net, batch, shape, device, s, num_classes, batch_size=batch, matching=matching,
+                      sources=sources))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     for _ in range(2):
@@ -400,12 +437,13 @@ def time_sampling(net, shape, device, batch, steps, num_classes, repeats, budget
     return float(np.median(times)), len(times)
 
 
-def efficiency(net, shape, device, num_classes, batches, teacher_steps, repeats=10, budget=20.0, base=None):
+def efficiency(net, shape, device, num_classes, batches, teacher_steps, repeats=10, budget=20.0, base=None,
+               matching=None):
     rows = []
-    for what, steps in [("one-step generator", None)] + [(f"teacher, {n} Euler steps", n) for n in teacher_steps]:
+    for what, steps in [("one-step generator", None)] + [(f"teacher, {n} steps", n) for n in teacher_steps]:
         for batch in batches:
             reset_peak_memory(device)
-            seconds, runs = time_sampling(net, shape, device, batch, steps, num_classes, repeats, budget)
+            seconds, runs = time_sampling(net, shape, device, batch, steps, num_classes, repeats, budget, matching)
             allocated, reserved = peak_memory(device, base)
             rows.append(dict(model=what, batch=batch, ms_per_image=1000 * seconds / batch, runs=runs,
                              peak_bytes=allocated, reserved_bytes=reserved))
@@ -413,25 +451,29 @@ def efficiency(net, shape, device, num_classes, batches, teacher_steps, repeats=
 
 
 def load_net(args):
-    """(path, network, checkpoint, Euler steps): a generator takes one step (None), a teacher --steps or 100."""
+    """(path, network, checkpoint, steps, matching model): a generator takes one step (steps None), a teacher
+    --steps of its sampler, default 100."""
     path = latest_checkpoint(args.checkpoint)
     net, ckpt = load_field(path, "checkpoint", args.ema,
                            **(dict(image_size=args.resolution) if args.resolution else {}))
-    return path, net, ckpt, None if ckpt.get("kind") == "generator" else (getattr(args, "steps", None) or 100)
+    steps = None if ckpt.get("kind") == "generator" else (getattr(args, "steps", None) or 100)
+    return path, net, ckpt, steps, matching_model(ckpt.get("matching"))
 
 
 def cmd_efficiency(args):
     device = resolve_device(args.device)
     base = rss_bytes() if device.type == "cpu" else None
+    matching = None
     if args.checkpoint == "cifar10":  # the paper's network; time and memory do not depend on the weights
         net, shape, num_classes = UNet(), (3, 32, 32), None
     else:
-        _, net, ckpt, _ = load_net(args)
+        _, net, ckpt, _, matching = load_net(args)
         shape, num_classes = tuple((ckpt.get("data") or {})["shape"]), (ckpt.get("data") or {}).get("num_classes")
     batches = sorted({1, args.batch or (256 if device.type == "cuda" else 16)})
     if min(args.teacher_steps, default=1) < 1 or args.repeats < 1:
         raise UsageError("--teacher-steps and --repeats must be positive")
-    rows = efficiency(net, shape, device, num_classes, batches, args.teacher_steps, args.repeats, args.budget, base)
+    rows = efficiency(net, shape, device, num_classes, batches, args.teacher_steps, args.repeats, args.budget, base,
+                      matching)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     mem = "peak allocated / reserved MB" if device.type == "cuda" else "peak RSS above idle, MB"
     print(f"{count_parameters(net) / 1e6:.2f} M parameters, {'x'.join(map(str, shape))}, fp32, on {name}")
@@ -448,7 +490,7 @@ def cmd_efficiency(args):
 
 
 def cmd_fid(args):
-    path, net, ckpt, steps = load_net(args)
+    path, net, ckpt, steps, matching = load_net(args)
     info, config = ckpt.get("data") or {}, ckpt.get("config") or {}
     if info.get("kind") != "image":
         raise UsageError(f"{path} generates points, not images: FID is for images (low-dim runs print W2, "
@@ -463,9 +505,10 @@ def cmd_fid(args):
                                     or config.get("data_root", "data")))
     fid = FID(ref, args.features, args.mode, info["shape"], device, os.path.dirname(os.path.abspath(path)), load,
               args.batch_size, args.bf16)
-    what = "one-step generator" if steps is None else f"teacher, {steps} Euler steps"
+    what = "one-step generator" if steps is None else f"teacher, {steps} sampler steps"
     print(f"FID of {path} ({what}), {args.n} samples x {args.repeats}: {fid.describe}")
-    scores = [fid(net, args.n, args.seed + r, steps, info.get("num_classes")) for r in range(args.repeats)]
+    scores = [fid(net, args.n, args.seed + r, steps, info.get("num_classes"), matching)
+              for r in range(args.repeats)]
     spread = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
     print(f"FID {np.mean(scores):.4f} +- {spread:.4f} (mean +- std over {len(scores)} runs: "
           f"{', '.join(f'{s:.4f}' for s in scores)})")
@@ -479,11 +522,16 @@ def cmd_fid(args):
 def cmd_sample(args):
     if args.n < 1:
         raise UsageError("--n must be positive")
-    _, net, ckpt, steps = load_net(args)
+    _, net, ckpt, steps, matching = load_net(args)
     info = ckpt.get("data") or {}
     device = resolve_device(args.device)
-    x = sample_field(net, args.n, tuple(info["shape"]), device, steps, info.get("num_classes"), args.seed)
-    what = "one-step generator" if steps is None else f"teacher, {steps} Euler steps"
+    sources = None
+    if matching.coupled:  # the held-out sources x_T of the data set it was trained on, cycled
+        src = load_data(make_config(Config, {k: v for k, v in ckpt["config"].items() if k in DATA_FIELDS})).src_test
+        sources = src[torch.arange(args.n) % len(src)]
+    x = sample_field(net, args.n, tuple(info["shape"]), device, steps, info.get("num_classes"), args.seed,
+                     matching=matching, sources=sources)
+    what = "one-step generator" if steps is None else f"teacher, {steps} sampler steps"
     out = args.out
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     if info.get("kind") == "image":
@@ -501,8 +549,12 @@ def cmd_sample(args):
                 Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(os.path.join(out, f"{i:06d}.png"))
         print(f"wrote {args.n} images ({what}) to {out} and a grid to {os.path.splitext(out)[0]}.png")
     else:
-        np.save(out, to_data_units(x, info))
-        print(f"wrote {args.n} samples ({what}) of shape {tuple(x.shape[1:])} to {out}")
+        x = to_data_units(x, info)
+        if sources is not None:  # pairs stay together: each row is (x_T, x1)
+            x = np.concatenate([to_data_units(sources, info), x], 1)
+        np.save(out, x)
+        print(f"wrote {args.n} samples ({what}) of shape {x.shape[1:]} to {out}"
+              + (" as (x_T, x1) rows, x_T the held-out sources" if sources is not None else ""))
 
 
 def main(argv=None):
@@ -522,7 +574,7 @@ def main(argv=None):
                    help="a .npy file; for images also .npz (images, labels) or a folder of PNGs, plus a PNG grid")
     s.add_argument("--grid", type=int, default=100, help="images in the PNG grid")
     s.add_argument("--steps", type=int, default=None,
-                   help="Euler steps of a teacher (default 100); a generator always takes one")
+                   help="sampler steps of a teacher (default 100); a generator always takes one")
     s.add_argument("--seed", type=int, default=0)
 
     f = sub.add_parser("fid", help="FID of a generator (or a teacher): the paper's protocol by default")
@@ -540,7 +592,7 @@ def main(argv=None):
     f.add_argument("--data-root", default="", help="where cifar10 is found (default: the training run's)")
     f.add_argument("--batch-size", type=int, default=500, help="images generated per batch")
     f.add_argument("--bf16", action="store_true", help="generate in bf16 autocast (the features stay fp32)")
-    f.add_argument("--steps", type=int, default=None, help="Euler steps of a teacher (default 100)")
+    f.add_argument("--steps", type=int, default=None, help="sampler steps of a teacher (default 100)")
     f.add_argument("--seed", type=int, default=0, help="seed of the first run; run r uses seed + r")
     f.add_argument("--out", default="", help="also write the scores to this .json")
 
@@ -548,7 +600,7 @@ def main(argv=None):
     checkpoint_args(e, "a realuid.py checkpoint, output folder or teacher file; or cifar10: the paper's UNet "
                        "with random weights")
     e.add_argument("--batch", type=int, default=0, help="the large batch (default 256 on CUDA, 16 on the CPU)")
-    e.add_argument("--teacher-steps", type=int, nargs="*", default=[100], help="Euler steps of the teacher rows")
+    e.add_argument("--teacher-steps", type=int, nargs="*", default=[100], help="sampler steps of the teacher rows")
     e.add_argument("--repeats", type=int, default=10, help="timed runs per row (median)")
     e.add_argument("--budget", type=float, default=20.0, help="seconds per row after which no new run starts")
     e.add_argument("--out", default="", help="also write the rows to this .json")

@@ -2,21 +2,23 @@
 
 Reference implementation of "Universal Inverse Distillation for Matching Models
 with Real-Data Supervision (No GANs)", Kornilov et al., ICLR 2026. A slow
-multi-step flow-matching teacher u* is distilled into a one-step generator
-G_theta; real data enters the distillation through two coefficients alpha,
-beta (eq. 16) instead of a GAN discriminator.
+multi-step matching-model teacher u* (flow matching, VP/VE diffusion, stochastic
+interpolants, bridge matching) is distilled into a one-step generator G_theta;
+real data enters the distillation through two coefficients alpha, beta (eq. 16)
+instead of a GAN discriminator.
 
     python realuid.py                                   # embedded 2D default, CPU, minutes
     python realuid.py --dataset cifar10 --alpha 0.92 --beta 0.94 --teacher cfm.pt
+    python realuid.py --model bridge --dataset pairs    # data-to-data: bridge matching (IBMD + real pairs)
 
 Time convention (torchcfm's, the REVERSE of the paper's main text):
 t = 0 is noise, t = 1 is data, x_t = (1 - t) x0 + t x1, target x1 - x0.
 
 Symbols and code:
-    x0            noise ~ N(0, I)              x1      data (real or generated)
-    t             time ~ U[0, 1]               x_t     FlowMatching.path(x0, x1, t)
-    u_t(x_t|x1)   FlowMatching.target          u*      the frozen teacher field
-    u_psi         the fake field ("fake")      G_theta OneStepGenerator: z + g(0, z)
+    x0            noise ~ N(0, I) (or source)  x1      data (real or generated)
+    t             time ~ U[0, 1]               x_t     <matching model>.path(x0, x1, t)
+    u_t(x_t|x1)   <matching model>.target      u*      the frozen teacher field
+    u_psi         the fake field ("fake")      G_theta OneStepGenerator (FM: z + g(0, z))
     alpha, beta   RealUM coefficients (eq. 16) K       fake updates per generator update
 
 Measured on a 2-core AMD EPYC CPU, no GPU (README has the details): the default
@@ -24,7 +26,7 @@ run takes 2 min 3 s; W2 to held-out data of the teacher at 1 step 3.79 (no sampl
 on a mode), at 100 steps 0.52, of the one-step generator (EMAs) 0.49, all 8 modes.
 Digits 16x16: teacher 9 min, distillation 9.5 min, clean one-step digits.
 
-Sections: config | networks | flow matching | losses | generator and loop |
+Sections: config | networks | matching models | losses | generator and loop |
 sampling | data | checkpoints | main.
 """
 
@@ -64,6 +66,9 @@ class Config:
     dataset: str = opt("8gaussians", "8gaussians (built-in 2D), digits, cifar10, an image folder, or PATH.npy "
                                      "(N x D floats or N x H x W x C uint8 images)")
     cond: bool = opt(False, "class-conditional generator, teacher and fake model")
+    model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
+                         "default: the teacher file's, fm for a teacher trained on the spot")
+    sigma_init: float = opt(2.5, "diffusion: the noise level s/a at which the one-step generator denoises")
     alpha: float = opt(0.92, "RealUM weight of generated data, in (0, 1] (eq. 16)")
     beta: float = opt(0.94, "RealUM weight of the generated target, in (0, 1] (eq. 16)")
     gamma: float = opt(None, "General RealUID (Def. 3): weight of the quadratic term; default: plain RealUID",
@@ -348,25 +353,28 @@ class UNet(nn.Module):
 
 
 class MLPField(nn.Module):
-    """A time- (and optionally label-) conditioned MLP field for low-dimensional data."""
+    """A time-conditioned MLP field for low-dimensional data; y is a class label (num_classes) or, for coupled
+    matching models, the source point x_T (cond_dim)."""
 
-    def __init__(self, dim=2, hidden=256, depth=4, num_classes=None, time_features=16):
+    def __init__(self, dim=2, hidden=256, depth=4, num_classes=None, time_features=16, cond_dim=None):
         super().__init__()
-        self.num_classes, self.time_features = num_classes, time_features
+        self.num_classes, self.time_features, self.cond_dim = num_classes, time_features, cond_dim
         self.inp = nn.Linear(dim + time_features, hidden)
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, hidden)
+        if cond_dim is not None:
+            self.cond_emb = nn.Linear(cond_dim, hidden)
         self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.out = nn.Linear(hidden, dim)
 
     def encode(self, t, x, y=None):
         """The last hidden features."""
-        if (y is None) != (self.num_classes is None):
-            raise ValueError("pass labels y if and only if the network is class-conditional")
+        if (y is None) != (self.num_classes is None and self.cond_dim is None):
+            raise ValueError("pass y if and only if the network is conditional")
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         h = self.inp(torch.cat([x, timestep_embedding(t * 1000, self.time_features).to(x.dtype)], 1))
         if y is not None:
-            h = h + self.label_emb(y)
+            h = h + (self.cond_emb(y) if self.cond_dim is not None else self.label_emb(y))
         for layer in self.hidden:
             h = layer(F.silu(h))
         return F.silu(h)
@@ -407,18 +415,35 @@ def count_parameters(net):
 
 
 # =============================================================================
-# Matching model: conditional flow matching (eq. 2), torchcfm time convention
+# Matching models (Def. 1): a conditional path and target, a time law, a weight, a sampler.
+# All share torchcfm's time convention: t = 0 noise (or source), t = 1 data. `noise` is
+# everything random that the path needs besides x1; `one_step` is the one-step generator's
+# form, which the generator takes from the teacher's weights.
 # =============================================================================
 
 def pad_like(t, x):
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def time_grid(i, steps, x):
+    return torch.full((x.shape[0],), i / steps, device=x.device, dtype=x.dtype)
+
+
 class FlowMatching:
-    """x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I); conditional target u_t(x_t | x1, x0) = x1 - x0."""
+    """x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I); conditional target u_t(x_t | x1, x0) = x1 - x0 (eq. 2)."""
+    coupled = False
+
+    def spec(self):
+        return dict(type="fm")
+
+    def noise(self, x1, y=None):
+        return torch.randn_like(x1)
 
     def sample_t(self, n, device):
         return torch.rand(n, device=device)
+
+    def weight(self, t):
+        return None
 
     def path(self, x0, x1, t):
         t = pad_like(t, x1)
@@ -427,14 +452,174 @@ class FlowMatching:
     def target(self, x0, x1, t):
         return x1 - x0
 
+    def score(self, f, x, t):
+        t = pad_like(t, x)  # s = -E[x0 | x_t] / (1 - t) and E[x0 | x_t] = x - t f on this path
+        return (t * f - x) / (1 - t)
+
+    def one_step(self, g, z, y=None):
+        return z + g(torch.zeros(z.shape[0], device=z.device, dtype=z.dtype), z, y)
+
     @torch.no_grad()
-    def sample(self, field, x0, steps, y=None):
+    def sample(self, field, z, steps, y=None, sde=False):
         """Euler integration of dx/dt = field(t, x) from t = 0 (noise) to t = 1 (data)."""
-        x, dt = x0, 1.0 / steps
+        x = z
         for i in range(steps):
-            t = torch.full((x.shape[0],), i * dt, device=x.device, dtype=x.dtype)
-            x = x + dt * field(t, x, y)
+            x = x + field(time_grid(i, steps, x), x, y) / steps
         return x
+
+
+class Diffusion:
+    """Denoising score matching (eq. 1) on x_t = a_t x1 + s_t x0, x0 ~ N(0, I), as a UM instance.
+
+    vp: a_t^2 = sigmoid(lam_t), s_t^2 = sigmoid(-lam_t), the log-SNR lam_t linear from -10 (t = 0) to 10.
+    ve: a_t = 1, s_t = s_max^(1 - t) s_min^t.  Times are uniform, so the log-SNR is too.
+    eps parameterisation: target x0, weight 1. score: target -x0 / s_t (the conditional score), weight s_t^2
+    (the same loss in the network's units). The one-step generator is the teacher's denoiser at noise level
+    s/a = sigma_init (SiD's choice): G(z) = (s z - s eps(t_g, s z)) / a.
+    """
+    coupled = False
+
+    def __init__(self, type="vp", param="eps", sigma_init=2.5, lam=(-10.0, 10.0), sigma=(80.0, 0.002)):
+        if type not in ("vp", "ve") or param not in ("eps", "score"):
+            raise UsageError(f"unknown diffusion {type!r} / parameterisation {param!r}")
+        self.type, self.param, self.sigma_init, self.lam, self.sigma = type, param, sigma_init, lam, sigma
+        if type == "vp":  # the time where s/a = sigma_init, i.e. lam = -2 log sigma_init
+            self.t_g = (-2 * math.log(sigma_init) - lam[0]) / (lam[1] - lam[0])
+        else:
+            self.t_g = math.log(sigma[0] / sigma_init) / math.log(sigma[0] / sigma[1])
+        if not 0 <= self.t_g < 1:
+            raise UsageError(f"--sigma-init {sigma_init} lies outside this diffusion's noise levels")
+
+    def spec(self):
+        return dict(type=self.type, param=self.param, sigma_init=self.sigma_init, lam=list(self.lam),
+                    sigma=list(self.sigma))
+
+    def a_s(self, t):
+        """(a_t, s_t, k_t) with k_t = s (a' s / a - s'), the reverse SDE's g^2 / 2 (see sample)."""
+        if self.type == "vp":
+            rate = self.lam[1] - self.lam[0]
+            lam = self.lam[0] + rate * t
+            return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt(), torch.sigmoid(-lam) * rate / 2
+        s = self.sigma[0] ** (1 - t) * self.sigma[1] ** t
+        return torch.ones_like(t), s, s ** 2 * math.log(self.sigma[0] / self.sigma[1])
+
+    def noise(self, x1, y=None):
+        return torch.randn_like(x1)
+
+    def sample_t(self, n, device):
+        return torch.rand(n, device=device)
+
+    def weight(self, t):
+        return self.a_s(t)[1] ** 2 if self.param == "score" else None
+
+    def path(self, x0, x1, t):
+        a, s, _ = (pad_like(v, x1) for v in self.a_s(t))
+        return a * x1 + s * x0
+
+    def target(self, x0, x1, t):
+        return x0 if self.param == "eps" else -x0 / pad_like(self.a_s(t)[1], x0)
+
+    def eps(self, f, t):
+        return f if self.param == "eps" else -pad_like(self.a_s(t)[1], f) * f
+
+    def score(self, f, x, t):
+        return -self.eps(f, t) / pad_like(self.a_s(t)[1], x)
+
+    def one_step(self, g, z, y=None):
+        t = torch.full((z.shape[0],), self.t_g, device=z.device, dtype=z.dtype)
+        a, s, _ = (pad_like(v, z) for v in self.a_s(t))
+        return (s * z - s * self.eps(g(t, s * z, y), t)) / a
+
+    @torch.no_grad()
+    def sample(self, field, z, steps, y=None, sde=False):
+        """From x = s_0 z at t = 0: DDIM (the probability-flow ODE, exact in the data prediction) or, with sde,
+        Euler-Maruyama of dx = (a'/a x + 2 k score) dt + sqrt(2 k) dW, whose marginals are the path's."""
+        x = self.a_s(torch.zeros(1, device=z.device))[1] * z
+        for i in range(steps):
+            t, t_next = time_grid(i, steps, x), time_grid(i + 1, steps, x)
+            (a, s, k), (a_next, s_next, _) = ([pad_like(v, x) for v in self.a_s(u)] for u in (t, t_next))
+            eps = self.eps(field(t, x, y), t)
+            x1 = (x - s * eps) / a
+            if not sde or i == steps - 1:
+                x = a_next * x1 + s_next * eps
+            else:  # the linear drift a'/a x integrated exactly, the score term by Euler
+                dt = 1.0 / steps
+                x = a_next / a * x - 2 * k * eps / s * dt + (2 * k * dt).sqrt() * torch.randn_like(x)
+        return x
+
+
+class Interpolant:
+    """Data-to-data matching with a coupling (x_T, x1) (App. C): the path starts at x0 = x_T + source_noise z
+    and the fields are conditioned on x_T, passed as y (augmented bridge matching, C.1).
+
+    si (stochastic interpolant, eq. 40): x_t = (1 - t) x0 + t x1 + gamma_t eps, gamma_t = sigma t (1 - t);
+        target dx_t/dt = x1 - x0 + gamma'_t eps; the ODE dx = b dt carries p_0(.|x_T) to p_1(.|x_T).
+    bridge (Brownian bridge matching, eq. 39): gamma_t = sigma sqrt(t (1 - t)); target the bridge's drift
+        (x1 - x_t) / (1 - t); sampled by Euler-Maruyama of dx = v dt + sigma dW.
+    The one-step generator G(z, x_T) = x0 + g(0, x0, x_T) is the teacher's first Euler step (IBMD's form).
+    noise holds (x0, eps) stacked on dim 1.
+    """
+    coupled = True
+
+    def __init__(self, type="si", sigma=0.5, source_noise=0.1, t_max=0.99):
+        if type not in ("si", "bridge"):
+            raise UsageError(f"unknown interpolant {type!r}")
+        self.type, self.sigma, self.source_noise, self.t_max = type, sigma, source_noise, t_max
+
+    def spec(self):
+        return dict(type=self.type, sigma=self.sigma, source_noise=self.source_noise, t_max=self.t_max)
+
+    def noise(self, x1, y):
+        return torch.stack([y + self.source_noise * torch.randn_like(x1), torch.randn_like(x1)], 1)
+
+    def sample_t(self, n, device):  # the bridge's drift target grows like sqrt(t / (1 - t)) near t = 1
+        return torch.rand(n, device=device) * (self.t_max if self.type == "bridge" else 1.0)
+
+    def weight(self, t):
+        # the bridge's target has variance sigma^2 t / (1 - t): weighting by 1 - t keeps every time's share of
+        # the loss bounded and leaves the minimiser, a conditional mean at each t, unchanged
+        return 1 - t if self.type == "bridge" else None
+
+    def gamma(self, t):
+        return self.sigma * (t * (1 - t) if self.type == "si" else (t * (1 - t)).clamp_min(0).sqrt())
+
+    def path(self, noise, x1, t):
+        x0, eps = noise.unbind(1)
+        t = pad_like(t, x1)
+        return (1 - t) * x0 + t * x1 + self.gamma(t) * eps
+
+    def target(self, noise, x1, t):
+        x0, eps = noise.unbind(1)
+        t = pad_like(t, x1)
+        if self.type == "si":
+            return x1 - x0 + self.sigma * (1 - 2 * t) * eps
+        return x1 - x0 - self.sigma * (t / (1 - t)).sqrt() * eps  # (x1 - x_t) / (1 - t)
+
+    def one_step(self, g, z, y):
+        x0 = y + self.source_noise * z
+        return x0 + g(torch.zeros(z.shape[0], device=z.device, dtype=z.dtype), x0, y)
+
+    @torch.no_grad()
+    def sample(self, field, z, steps, y, sde=True):
+        x = y + self.source_noise * z
+        for i in range(steps):
+            x = x + field(time_grid(i, steps, x), x, y) / steps
+            if self.type == "bridge" and i < steps - 1:
+                x = x + self.sigma * math.sqrt(1 / steps) * torch.randn_like(x)
+        return x
+
+
+def matching_model(spec=None):
+    """A matching model from its plain-dict spec, as stored in checkpoints (none: flow matching)."""
+    spec = dict(spec or dict(type="fm"))
+    kind = spec.pop("type")
+    if kind == "fm":
+        return FlowMatching()
+    if kind in ("vp", "ve"):
+        return Diffusion(kind, **spec)
+    if kind in ("si", "bridge"):
+        return Interpolant(kind, **spec)
+    raise UsageError(f"unknown matching model {kind!r}: use fm, vp, ve, si or bridge")
 
 
 # =============================================================================
@@ -505,12 +690,10 @@ def gan_discriminator_loss(logits_gen, logits_real):
     return F.softplus(logits_gen) + F.softplus(-logits_real)
 
 
-def dmd_generator_loss(f_star, f, x_t, t, alpha):
+def dmd_generator_loss(s_star, s_fake, x_t, alpha):
     # Lemma 5 (A.5): a <sg[s_fake - s*](x_t), x_t>, whose gradient is a (s_fake - s*) dx_t/dtheta, the gradient of
-    # KL(a p^theta_t + (1-a) p*_t || p*_t). On the FM path s_t(x) = (t f_t(x) - x) / (1 - t), so
-    # s_fake - s* = t / (1 - t) (f - f*).
-    t = pad_like(t, x_t)
-    return inner((alpha * t / (1 - t) * (f - f_star)).detach(), x_t)
+    # KL(a p^theta_t + (1-a) p*_t || p*_t); the scores are read off the fields by the matching model.
+    return inner((alpha * (s_fake - s_star)).detach(), x_t)
 
 
 def fgm_generator_loss(f_star, f, u_gen):
@@ -531,14 +714,14 @@ def realsid_generator_loss(f_star, f, u_gen, alpha_sid=1.2, alpha=1.0, beta=1.0)
 # =============================================================================
 
 class OneStepGenerator(nn.Module):
-    """G_theta(z) = z + g_theta(0, z[, y]): one Euler step of a field from noise to data."""
+    """G_theta(z[, y]): the matching model's one-step form of a field g_theta; flow matching: z + g(0, z[, y])."""
 
-    def __init__(self, g):
+    def __init__(self, g, matching=None):
         super().__init__()
-        self.g = g
+        self.g, self.matching = g, matching or FlowMatching()
 
     def forward(self, z, y=None):
-        return z + self.g(torch.zeros(z.shape[0], device=z.device, dtype=z.dtype), z, y)
+        return self.matching.one_step(self.g, z, y)
 
 
 @torch.no_grad()
@@ -559,7 +742,7 @@ class RealUID:
         self.cfg, self.matching = cfg, matching or FlowMatching()
         self.teacher = teacher.eval().requires_grad_(False)
         self.fake = fake.train()
-        self.generator = OneStepGenerator(g).train()
+        self.generator = OneStepGenerator(g, self.matching).train()
         self.ema = {d: copy.deepcopy(g).eval().requires_grad_(False) for d in cfg.ema}
         adam = dict(lr=cfg.lr, betas=(0.0, 0.999))  # beta1 = 0 is crucial for the min-max (App. D)
         self.disc = discriminator_head(fake_spec).to(next(fake.parameters()).device) if cfg.gan else None
@@ -570,8 +753,13 @@ class RealUID:
         self.sched_gen = torch.optim.lr_scheduler.LambdaLR(self.opt_gen, warmup_schedule(cfg.warmup))
         self.step = 0
 
-    def _noise_and_time(self, x1):
-        return torch.randn_like(x1), self.matching.sample_t(x1.shape[0], x1.device)
+    def _noise_and_time(self, x1, y):
+        return self.matching.noise(x1, y), self.matching.sample_t(x1.shape[0], x1.device)
+
+    def _mean(self, loss, t):
+        """The batch mean of per-sample losses, weighted as the matching model asks (Def. 1)."""
+        w = self.matching.weight(t)
+        return (loss if w is None else w * loss).mean()
 
     def _gan_logits(self, x0, x1, y):
         """D(x_t) with t drawn from --gan-t-range, near the data end (eq. 8, D.1)."""
@@ -584,7 +772,7 @@ class RealUID:
         cfg, m = self.cfg, self.matching
         with torch.no_grad():
             x_gen = self.generator(torch.randn_like(x_real), y)
-        x0, t = self._noise_and_time(x_real)  # the same x0 and t for both halves, as the official code
+        x0, t = self._noise_and_time(x_real, y)  # the same x0 and t for both halves, as the official code
         u_gen, u_real = m.target(x0, x_gen, t), m.target(x0, x_real, t)
         real = cfg.alpha < 1 or cfg.gamma is not None or cfg.normalized
         if real:  # one forward pass over generated and real x_t (GroupNorm is per sample)
@@ -594,16 +782,16 @@ class RealUID:
             tt, xt, yy = t, m.path(x0, x_gen, t), y
         f_gen, f_real = self.fake(tt, xt, yy).chunk(2) if real else (self.fake(tt, xt, yy), None)
         if cfg.gamma is None and not cfg.normalized:
-            loss = realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta).mean()
+            loss = self._mean(realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta), t)
         else:  # General and Normalized RealUID have no RealUM form: maximise them, with u* on both halves
             with torch.no_grad():
                 fs_gen, fs_real = self.teacher(tt, xt, yy).chunk(2)
             if cfg.normalized:
-                loss = -normalized_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha,
-                                                cfg.beta).mean()
+                loss = -self._mean(normalized_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real,
+                                                           cfg.alpha, cfg.beta), t)
             else:
-                loss = -general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha, cfg.beta,
-                                             cfg.gamma, cfg.parameterization).mean()
+                loss = -self._mean(general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha,
+                                                        cfg.beta, cfg.gamma, cfg.parameterization), t)
         if cfg.gan:  # the discriminator: generated against real x_t, in one pass
             logits_gen, logits_real = self._gan_logits(torch.cat([x0, x0]), torch.cat([x_gen, x_real]),
                                                        None if y is None else torch.cat([y, y])).chunk(2)
@@ -620,7 +808,7 @@ class RealUID:
         """Minimise L_RUM(u*, p^theta) - L_RUM(u_psi, p^theta) over theta (Alg. 1 line 8)."""
         cfg, m = self.cfg, self.matching
         x_gen = self.generator(torch.randn(shape, device=device), y)
-        x0, t = self._noise_and_time(x_gen)
+        x0, t = self._noise_and_time(x_gen, y)
         if cfg.dmd:
             t = t * cfg.dmd_t_max
         x_t, u_gen = m.path(x0, x_gen, t), m.target(x0, x_gen, t)
@@ -636,12 +824,12 @@ class RealUID:
             elif cfg.normalized:
                 loss = normalized_realuid_loss(f_star, f, u_gen, None, None, None, cfg.alpha, cfg.beta)
             elif cfg.dmd:
-                loss = dmd_generator_loss(f_star, f, x_t, t, cfg.alpha)
+                loss = dmd_generator_loss(m.score(f_star, x_t, t), m.score(f, x_t, t), x_t, cfg.alpha)
             elif cfg.alpha_sid is not None:
                 loss = realsid_generator_loss(f_star, f, u_gen, cfg.alpha_sid, cfg.alpha, cfg.beta)
             else:
                 loss = realuid_generator_loss(f_star, f, u_gen, cfg.alpha, cfg.beta)
-            loss = loss.mean()
+            loss = self._mean(loss, t)
             if cfg.gan:
                 loss = loss + cfg.lambda_gen * gan_generator_loss(self._gan_logits(x0, x_gen, y)).mean()
             self.opt_gen.zero_grad(set_to_none=True)
@@ -769,12 +957,14 @@ def class_labels(n, num_classes, device):
 
 @torch.no_grad()
 def generate(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_size=1000, bf16=False,
-             progress=None):
-    """Batches of n samples: the one-step generator z + g(0, z) when steps is None, else Euler with steps.
+             progress=None, matching=None, sources=None):
+    """Batches of n samples: the one-step generator of field net when steps is None, else the matching
+    model's sampler (flow matching: Euler) with that many steps.
 
     No gradients, eval mode, noise from a generator seeded by `seed`; bf16 autocast for the network when asked.
-    progress: a tqdm description, or None for no bar.
+    progress: a tqdm description, or None for no bar. Coupled models take their sources x_T (n of them).
     """
+    matching = matching or FlowMatching()
     from tqdm import tqdm
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training, net = net.training, net.to(device).eval()
@@ -786,16 +976,20 @@ def generate(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_
             b = min(batch_size, n - start)
             z = torch.randn(b, *shape, generator=gen, device=device)
             y = None if labels is None else labels[start:start + b]
+            if sources is not None:
+                y = sources[start:start + b].to(device)
             with autocast:
-                x = OneStepGenerator(net)(z, y) if steps is None else FlowMatching().sample(net, z, steps, y)
+                x = matching.one_step(net, z, y) if steps is None else matching.sample(net, z, steps, y)
             yield x.float()
     finally:
         net.train(was_training)
 
 
-def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_size=1000):
+def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_size=1000, matching=None,
+                 sources=None):
     """n samples on the CPU (see generate)."""
-    return torch.cat([x.cpu() for x in generate(net, n, shape, device, steps, num_classes, seed, batch_size)])
+    return torch.cat([x.cpu() for x in generate(net, n, shape, device, steps, num_classes, seed, batch_size,
+                                                matching=matching, sources=sources)])
 
 
 def to_uint8(x):
@@ -817,7 +1011,7 @@ def grid_writer(out, shape, num_classes, device, n=64):
     def write(state, step):
         nets = {"generator": state.generator.g, **{f"ema{d}": net for d, net in state.ema.items()}}
         for name, net in nets.items():
-            save_grid(sample_field(net, n, shape, device, None, num_classes, seed=0),
+            save_grid(sample_field(net, n, shape, device, None, num_classes, seed=0, matching=state.matching),
                       os.path.join(folder, f"{name}-{step:07d}.png"))
     return write
 
@@ -844,6 +1038,8 @@ class Data:
     files: list = None  # an image folder, read by a DataLoader
     resolution: int = None
     modes: tuple = None  # (centres, std) of a known Gaussian mixture, in data units (mode coverage)
+    coupled: bool = False  # data-to-data: y holds each point's source x_T, in network coordinates
+    src_test: torch.Tensor = None  # the held-out points' sources (coupled data), in network coordinates
 
     def __len__(self):
         return len(self.files) if self.files is not None else len(self.x)
@@ -854,7 +1050,7 @@ class Data:
         return list(self.x.shape[1:])
 
     def info(self, name):
-        return dict(name=name, kind=self.kind, shape=self.shape(), num_classes=self.num_classes,
+        return dict(name=name, kind=self.kind, shape=self.shape(), num_classes=self.num_classes, coupled=self.coupled,
                     mean=None if self.mean is None else self.mean.tolist(),
                     std=None if self.std is None else self.std.tolist())
 
@@ -872,6 +1068,15 @@ def eight_gaussians(n, seed):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(8, (n,), generator=g)
     return eight_gaussians_centres()[y] + EIGHT_GAUSSIANS["std"] * torch.randn(n, 2, generator=g), y
+
+
+def gaussian_pairs(n, seed):
+    """The built-in data-to-data task: (x_T, x1) with x_T from mode k of the 8 Gaussians and x1 from mode
+    k - 1 or k + 1, each with probability 1/2: a coupling whose conditional law is bimodal."""
+    x_src, k = eight_gaussians(n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    k1 = (k + 2 * torch.randint(2, (n,), generator=g) - 1) % 8
+    return x_src, eight_gaussians_centres()[k1] + EIGHT_GAUSSIANS["std"] * torch.randn(n, 2, generator=g)
 
 
 def load_npy(path):
@@ -960,6 +1165,12 @@ def load_data(cfg):
         x, y = eight_gaussians(20_000, seed=1234)
         data = standardise(x, y, 8, eight_gaussians(cfg.eval_samples, seed=4321)[0])
         data.modes = (eight_gaussians_centres().numpy(), EIGHT_GAUSSIANS["std"])
+    elif name == "pairs":
+        x_src, x = gaussian_pairs(20_000, seed=1234)
+        src_test, data_test = gaussian_pairs(cfg.eval_samples, seed=4321)
+        data = standardise(x, None, None, data_test)  # sources and data share one coordinate system
+        data.y, data.src_test, data.coupled = (x_src - data.mean) / data.std, (src_test - data.mean) / data.std, True
+        data.modes = (eight_gaussians_centres().numpy(), EIGHT_GAUSSIANS["std"])
     elif name == "cifar10":
         x, y = load_cifar10(cfg.data_root)
         data = Data(x=x, y=y, num_classes=10, kind="image", recipe="image", flip=True)
@@ -977,13 +1188,13 @@ def load_data(cfg):
     elif os.path.isdir(name):
         data = Data(files=list_images(name), resolution=res or 64, kind="image", recipe="image", flip=True)
     else:
-        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, digits, cifar10, a folder of images, "
+        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, pairs, digits, cifar10, a folder of images, "
                          f"or a .npy file (N x D floats or N x H x W x C uint8)")
     if data.kind == "image" and min(data.shape()[1:]) % 8:
         raise UsageError(f"image side {data.shape()[1:]} must be a multiple of 8 for the UNet")
-    if cfg.cond and data.y is None:
+    if cfg.cond and data.num_classes is None:
         raise UsageError(f"--cond needs class labels, and {name} has none")
-    if not cfg.cond:
+    if not cfg.cond and not data.coupled:
         data.y, data.num_classes = None, None
     return data
 
@@ -1004,7 +1215,8 @@ class BatchIndices(torch.utils.data.Sampler):
         while True:
             e, i = divmod(k, per_epoch)
             if e != epoch:
-                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
+                g = torch.Generator().manual_seed(self.seed * 100_003 + e)
+                epoch, perm = e, torch.randperm(self.n, generator=g)
             yield perm[i * self.batch_size:(i + 1) * self.batch_size]
             k += 1
 
@@ -1040,7 +1252,8 @@ def default_channel_mult(resolution):
 def default_field_spec(data, cfg):
     """The network a teacher of this data gets: the MLP for low-dim data, the UNet for images."""
     if data.kind == "lowdim":
-        return dict(type="mlp", dim=data.shape()[0], hidden=cfg.hidden, num_classes=data.num_classes)
+        return dict(type="mlp", dim=data.shape()[0], hidden=cfg.hidden, num_classes=data.num_classes,
+                    cond_dim=data.shape()[0] if data.coupled else None)
     c, res = data.shape()[0], data.shape()[1]
     return dict(type="unet", in_channels=c, image_size=res, channels=cfg.channels,
                 channel_mult=list(cfg.channel_mult or default_channel_mult(res)),
@@ -1239,12 +1452,14 @@ def prepare_teacher(cfg, data, out, device):
             raise UsageError(f"{cfg.dataset} needs --teacher PATH (train one with: python teacher.py "
                              f"--dataset {cfg.dataset})")
         path = os.path.join(out, "teacher.pt")
-        cached = os.path.isfile(path) and load_checkpoint(path).get("data") == data.info(cfg.dataset)
+        model = cfg.model or "fm"
+        cached = os.path.isfile(path) and load_checkpoint(path).get("data") == data.info(cfg.dataset) \
+            and (load_checkpoint(path).get("matching") or {}).get("type", "fm") == model
         if not cached:
             import teacher as teacher_py
             tcfg = make_config(teacher_py.TeacherConfig, dict(
                 dataset=cfg.dataset, cond=cfg.cond, steps=cfg.teacher_steps, hidden=cfg.hidden,
-                seed=cfg.seed, eval_samples=cfg.eval_samples), teacher_py.TEACHER_RECIPES[data.recipe])
+                seed=cfg.seed, eval_samples=cfg.eval_samples, model=model), teacher_py.TEACHER_RECIPES[data.recipe])
             print(f"no --teacher: training one on the spot ({tcfg.steps} updates), cached as {path}")
             t0 = time.time()
             teacher_py.train_teacher(tcfg, data, device, path)
@@ -1254,6 +1469,22 @@ def prepare_teacher(cfg, data, out, device):
                            num_head_channels=cfg.num_head_channels)
     check_teacher_matches(ckpt, data, path)
     return net.to(device), ckpt
+
+
+def teacher_matching(cfg, ckpt, data, path):
+    """The teacher's matching model, from its file (torchcfm's and the official files: flow matching)."""
+    spec = dict(ckpt.get("matching") or dict(type="fm"))
+    if cfg.model and cfg.model != spec["type"]:
+        raise UsageError(f"teacher {path} is a {spec['type']} model, not --model {cfg.model}")
+    if spec["type"] in ("vp", "ve"):
+        spec["sigma_init"] = cfg.sigma_init
+    matching = matching_model(spec)
+    if matching.coupled != data.coupled:
+        raise UsageError(f"{spec['type']} {'needs' if matching.coupled else 'cannot use'} data-to-data pairs "
+                         f"(--dataset pairs), and {cfg.dataset} {'is' if data.coupled else 'is not'} paired")
+    if cfg.dmd and not hasattr(matching, "score"):
+        raise UsageError(f"--dmd needs a score, which {spec['type']} does not define; use fm, vp or ve")
+    return matching
 
 
 def no_dropout(spec):
@@ -1295,6 +1526,7 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
         torch.manual_seed(cfg.seed)
         teacher, teacher_ckpt = prepare_teacher(cfg, data, out, device)
+        matching = teacher_matching(cfg, teacher_ckpt, data, cfg.teacher or os.path.join(out, "teacher.pt"))
         spec = no_dropout(teacher_ckpt["field"])
         g = load_state(build_field(spec), teacher.state_dict(), "teacher")  # G_theta starts as u*'s one Euler step
         if cfg.init_generator:  # fine-tuning (App. D.2): G from a distilled EMA, the fake model from u*
@@ -1304,14 +1536,14 @@ def main(argv=None):
         fake = build_field(spec)
         if cfg.fake_init == "teacher" or cfg.init_generator:
             fake.load_state_dict(teacher.state_dict())
-        state = RealUID(cfg, teacher, fake.to(device), g.to(device), fake_spec=spec)
+        state = RealUID(cfg, teacher, fake.to(device), g.to(device), matching, fake_spec=spec)
         if resume is not None:
             state.load_state_dict(resume)
-        meta = dict(data=data.info(cfg.dataset), field=spec)
+        meta = dict(data=data.info(cfg.dataset), field=spec, matching=matching.spec())
         scorer = None
         if cfg.fid_every:  # built before training, so that a missing download fails now, not after hours
             import eval as eval_py
-            scorer = eval_py.ModelSelection(cfg, data, out, device, meta, resumed=resume is not None)
+            scorer = eval_py.ModelSelection(cfg, data, out, device, meta, matching, resumed=resume is not None)
     except UsageError as e:
         return fail("realuid.py", e)
     with open(os.path.join(out, "arguments.json"), "w") as f:

@@ -1,12 +1,14 @@
-"""Train the conditional-flow-matching teacher u* that realuid.py distills.
+"""Train the teacher u* that realuid.py distills: flow matching, diffusion, or a data-to-data interpolant.
 
     python teacher.py                        # the built-in 2D data, a minute on a CPU
     python teacher.py --dataset data.npy --steps 20000 --out runs/mine
+    python teacher.py --model vp --dataset digits          # diffusion (denoising score matching)
+    python teacher.py --model bridge --dataset pairs       # augmented bridge matching on 2D pairs
 
-The loss is CFM (eq. 2): || u(t, x_t) - (x1 - x0) ||^2 with x_t = (1 - t) x0 + t x1,
-t = 0 noise, t = 1 data (torchcfm convention). Adam, linear warm-up, gradient
-clipping and an EMA of the weights, as in NOTES.md section 6. The checkpoint
-(format in README) loads into realuid.py with --teacher.
+The loss is the matching model's UM loss (Def. 1, eq. 3): || u(t, x_t[, x_T]) - f_t(x_t | ...) ||^2, for
+flow matching (CFM, eq. 2) || u(t, x_t) - (x1 - x0) ||^2 with x_t = (1 - t) x0 + t x1, t = 0 noise, t = 1
+data (torchcfm convention). Adam, linear warm-up, gradient clipping and an EMA of the weights, as in
+NOTES.md section 6. The checkpoint (format in README) loads into realuid.py with --teacher.
 """
 
 import copy
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from realuid import (DATA_FIELDS, VERSION, FlowMatching, UsageError, batches, build_field, check_batch_size,
-                     config_dict, count_parameters, default_field_spec, ema_update, fail, load_data, make_config,
+from realuid import (DATA_FIELDS, VERSION, UsageError, batches, build_field, check_batch_size, config_dict,
+                     count_parameters, default_field_spec, ema_update, fail, load_data, make_config, matching_model,
                      opt, parser_from_dataclass, resolve_device, sample_field, save_checkpoint, save_grid, um_loss,
                      warmup_schedule)
 
@@ -30,6 +32,11 @@ class TeacherConfig:
     """Defaults: torchcfm's CIFAR-10 teacher recipe (NOTES.md section 6)."""
     dataset: str = opt("8gaussians", "8gaussians (built-in 2D), digits, cifar10, an image folder, or PATH.npy")
     cond: bool = opt(False, "class-conditional teacher")
+    model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
+                           "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
+    param: str = opt("eps", "diffusion: the network predicts the noise (eps) or the score", choices=("eps", "score"))
+    sigma: float = opt(0.5, "si, bridge: the scale of the path's noise gamma_t")
+    source_noise: float = opt(0.1, "si, bridge: the noise added to the source x_T at t = 0 (the generator's z)")
     lr: float = opt(2e-4, "Adam learning rate")
     batch_size: int = opt(128, "batch size")
     steps: int = opt(400_000, "updates")
@@ -52,7 +59,7 @@ class TeacherConfig:
     seed: int = opt(0, "seed")
     workers: int = opt(2, "data-loader processes for image folders")
     log_every: int = opt(100, "updates between progress-bar updates")
-    sample_steps: int = opt(100, "Euler steps of the closing sample grid (images; 0: no grid)")
+    sample_steps: int = opt(100, "sampler steps of the closing sample grid (images; 0: no grid)")
     eval_samples: int = opt(2000, "held-out points kept aside (low-dim .npy data)")
 
 
@@ -64,8 +71,16 @@ TEACHER_RECIPES = dict(
     image={})
 
 
+def matching_spec(cfg):
+    if cfg.model in ("vp", "ve"):
+        return dict(type=cfg.model, param=cfg.param)
+    if cfg.model in ("si", "bridge"):
+        return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise)
+    return dict(type="fm")
+
+
 def train_teacher(cfg, data, device, path):
-    """Fit u(t, x_t[, y]) to x1 - x0 (eq. 2); write the checkpoint to path and return the net."""
+    """Fit u(t, x_t[, y]) to the conditional target (Def. 1); write the checkpoint to path and return the net."""
     from tqdm import tqdm
     torch.manual_seed(cfg.seed)
     spec = default_field_spec(data, cfg)
@@ -73,12 +88,17 @@ def train_teacher(cfg, data, device, path):
     ema = {d: copy.deepcopy(net).eval().requires_grad_(False) for d in cfg.ema}
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_schedule(cfg.warmup))
-    fm, source = FlowMatching(), batches(data, cfg.batch_size, device, cfg.seed, workers=cfg.workers)
+    m = matching_model(matching_spec(cfg))
+    if m.coupled != data.coupled:
+        raise UsageError(f"--model {cfg.model} {'needs' if m.coupled else 'cannot use'} data-to-data pairs "
+                         f"(--dataset pairs)")
+    source = batches(data, cfg.batch_size, device, cfg.seed, workers=cfg.workers)
     bar = tqdm(range(cfg.steps), desc="teacher", dynamic_ncols=True, disable=None, mininterval=1.0)
     for step in bar:
         x1, y = next(source)
-        x0, t = torch.randn_like(x1), fm.sample_t(x1.shape[0], device)
-        loss = um_loss(net(t, fm.path(x0, x1, t), y), fm.target(x0, x1, t)).mean()
+        x0, t = m.noise(x1, y), m.sample_t(x1.shape[0], device)
+        loss, w = um_loss(net(t, m.path(x0, x1, t), y), m.target(x0, x1, t)), m.weight(t)
+        loss = (loss if w is None else w * loss).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -89,18 +109,20 @@ def train_teacher(cfg, data, device, path):
         if (step + 1) % cfg.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     bar.close()
-    save_checkpoint(dict(version=VERSION, kind="teacher", config=config_dict(cfg),
+    save_checkpoint(dict(version=VERSION, kind="teacher", config=config_dict(cfg), matching=m.spec(),
                          data=data.info(cfg.dataset), field=spec, net=net.state_dict(),
                          ema={str(d): m.state_dict() for d, m in ema.items()}), path)
     if data.kind == "image" and cfg.sample_steps > 0:  # what the teacher has learnt
         grid = os.path.join(os.path.dirname(path), "teacher-samples.png")
-        save_grid(sample_field(ema[min(ema)], 64, data.shape(), device, cfg.sample_steps, data.num_classes), grid)
-        print(f"teacher samples ({cfg.sample_steps} Euler steps, EMA {min(ema)}): {grid}")
+        save_grid(sample_field(ema[min(ema)], 64, data.shape(), device, cfg.sample_steps, data.num_classes,
+                               matching=m), grid)
+        print(f"teacher samples ({cfg.sample_steps} sampler steps, EMA {min(ema)}): {grid}")
     return net
 
 
 def main(argv=None):
-    p = parser_from_dataclass(TeacherConfig, "Train a conditional-flow-matching teacher for realuid.py.")
+    p = parser_from_dataclass(TeacherConfig, "Train a matching-model teacher (flow matching, diffusion, "
+                                             "bridge matching, interpolants) for realuid.py.")
     user = vars(p.parse_args(argv))
     try:
         cfg = make_config(TeacherConfig, {k: v for k, v in user.items() if k in DATA_FIELDS})
@@ -119,7 +141,10 @@ def main(argv=None):
     print(f"teacher: {cfg.dataset} ({len(data)} items), {cfg.steps} updates on {device}, "
           f"{count_parameters(build_field(spec))} parameters -> {path}")
     t0 = time.time()
-    train_teacher(cfg, data, device, path)
+    try:
+        train_teacher(cfg, data, device, path)
+    except UsageError as e:
+        return fail("teacher.py", e)
     print(f"teacher training took {time.time() - t0:.0f} s")
     return 0
 

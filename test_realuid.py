@@ -526,7 +526,8 @@ def test_dmd_with_real_data_gradient_is_lemma5(alpha):
         x_t = R.FlowMatching().path(x0, mu + s_th * z, t)
         f_star = fm_field_1d(t_val, x_t, MU_REAL, S_REAL)
         f_fake = f_opt_1d(t_val, x_t, mu_th, s_th, alpha, alpha)
-        loss = R.dmd_generator_loss(f_star, f_fake, x_t, t, alpha).mean()
+        fm = R.FlowMatching()
+        loss = R.dmd_generator_loss(fm.score(f_star, x_t, t), fm.score(f_fake, x_t, t), x_t, alpha).mean()
         (grad,) = torch.autograd.grad(loss, mu)
         h = 1e-4
         exact = (kl(mu_th + h, t_val) - kl(mu_th - h, t_val)) / (2 * h)
@@ -1269,7 +1270,184 @@ def test_efficiency_counts_parameters_and_times_each_row(digits_features, tmp_pa
     net, _ = R.load_field(digits_features)
     assert report["parameters"] == R.count_parameters(net)
     assert [(r["model"], r["batch"]) for r in report["rows"]] == [
-        ("one-step generator", 1), ("one-step generator", 4), ("teacher, 3 Euler steps", 1),
-        ("teacher, 3 Euler steps", 4)]
+        ("one-step generator", 1), ("one-step generator", 4), ("teacher, 3 steps", 1), ("teacher, 3 steps", 4)]
     assert all(r["ms_per_image"] > 0 and r["runs"] >= 1 and r["peak_bytes"] > 0 for r in report["rows"])
     assert "M parameters" in capsys.readouterr().out
+
+
+# =============================================================================
+# Universal: diffusion (VP, VE), stochastic interpolants and bridge matching as UM instances (issue 6)
+# =============================================================================
+
+def binned_means(x, u, edges):
+    """(bin centre, mean of u) for each bin of x with enough samples: a nonparametric E[u | x]."""
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (x >= lo) & (x < hi)
+        if m.sum() > 2000:
+            out.append((x[m].mean(), u[m].mean()))
+    return out
+
+
+@pytest.mark.parametrize("kind,param", [("vp", "eps"), ("vp", "score"), ("ve", "eps"), ("ve", "score")])
+def test_diffusion_target_minimiser_sampler_and_one_step_are_the_closed_forms(kind, param):
+    m, mu, v, n = R.Diffusion(kind, param), 1.5, 0.36, 400_000
+    g = torch.Generator().manual_seed(0)
+    x1, x0 = mu + v ** 0.5 * torch.randn(n, 1, generator=g), torch.randn(n, 1, generator=g)
+
+    def closed(t, x):  # E[eps | x_t = x] for x1 ~ N(mu, v); the score is -E[eps | x_t] / s_t
+        a, s, _ = (R.pad_like(u, x) for u in m.a_s(t))
+        eps = s * (x - a * mu) / (a ** 2 * v + s ** 2)
+        return eps if param == "eps" else -eps / s
+    t_end = torch.tensor([0.0, 1.0])
+    a, s, _ = m.a_s(t_end)
+    assert s[0] > 0.99 * (80 if kind == "ve" else 1) and a[1] > 0.9999 and s[1] < 0.007  # t = 0 noise, t = 1 data
+    for t in (0.3, 0.7):
+        tt = torch.full((n,), t)
+        xt, u = m.path(x0, x1, tt), m.target(x0, x1, tt)
+        sd = float(xt.std())
+        for centre, mean in binned_means(xt[:, 0], u[:, 0], torch.linspace(-2 * sd, 2 * sd, 12) + float(xt.mean())):
+            scale = 1.0 if param == "eps" else 1 / float(m.a_s(torch.tensor([t]))[1])
+            assert abs(mean - closed(torch.tensor([t]), centre.reshape(1, 1)).item()) < 0.02 * scale, (t, centre)
+    z = torch.randn(100_000, 1, generator=g, dtype=torch.float64)
+    field = lambda t, x, y: closed(t, x)  # noqa: E731
+    for sde in (False, True):
+        x = m.sample(field, z, 200, sde=sde)
+        assert abs(x.mean() - mu) < 0.02 and abs(x.std() - v ** 0.5) < 0.02, (sde, x.mean(), x.std())
+    # the one-step generator is Tweedie's denoiser at noise level s/a = sigma_init: E[x1 | x_tg = s z]
+    a, s, _ = (u.item() for u in m.a_s(torch.tensor([m.t_g], dtype=torch.float64)))
+    assert s / a == pytest.approx(2.5)
+    expected = mu + a * v * (s * z - a * mu) / (a ** 2 * v + s ** 2)
+    torch.testing.assert_close(m.one_step(field, z), expected)
+
+
+@pytest.mark.parametrize("kind", ["si", "bridge"])
+def test_interpolant_target_minimiser_and_sampler_are_the_closed_forms(kind):
+    m, x_T, mu, v, n = R.Interpolant(kind, sigma=0.5, source_noise=0.3), -1.0, 2.0, 0.25, 400_000
+    g = torch.Generator().manual_seed(0)
+    x1 = mu + v ** 0.5 * torch.randn(n, 1, generator=g)
+    y = torch.full((n, 1), x_T)
+    noise = m.noise(x1, y)
+    x0, eps = noise.unbind(1)
+    torch.testing.assert_close(m.path(noise, x1, torch.zeros(n)), x0)  # t = 0: the (noised) source
+    torch.testing.assert_close(m.path(noise, x1, torch.ones(n)), x1)  # t = 1: the data
+    assert abs(float((x0 - x_T).std()) - 0.3) < 0.01
+    t, h = torch.full((n,), 0.4, dtype=torch.float64), 1e-6
+    d = (m.path(noise.double(), x1.double(), t + h) - m.path(noise.double(), x1.double(), t - h)) / (2 * h)
+    if kind == "si":  # the target is the path's time derivative (eq. 40)
+        torch.testing.assert_close(m.target(noise.double(), x1.double(), t), d)
+    else:  # the Brownian bridge's drift (x1 - x_t) / (1 - t) (eq. 39)
+        torch.testing.assert_close(m.target(noise, x1, t.float()), (x1 - m.path(noise, x1, t.float())) / 0.6)
+
+    def closed(t, x):  # E[target | x_t = x, x_T]: all Gaussian, so linear regression is exact
+        t = R.pad_like(t, x)
+        gamma = m.gamma(t)
+        var = (1 - t) ** 2 * 0.09 + t ** 2 * v + gamma ** 2
+        x1_hat = mu + t * v / var * (x - (1 - t) * x_T - t * mu)
+        if kind == "bridge":
+            return (x1_hat - x) / (1 - t)
+        cov = t * v - (1 - t) * 0.09 + gamma * 0.5 * (1 - 2 * t)  # Cov(x1 - x0 + gamma' eps, x_t)
+        return mu - x_T + cov / var * (x - (1 - t) * x_T - t * mu)
+    for tv in (0.3, 0.7):
+        tt = torch.full((n,), tv)
+        xt, u = m.path(noise, x1, tt), m.target(noise, x1, tt)
+        sd = float(xt.std())
+        for centre, mean in binned_means(xt[:, 0], u[:, 0], torch.linspace(-2 * sd, 2 * sd, 12) + float(xt.mean())):
+            assert abs(mean - closed(torch.tensor([tv]), centre.reshape(1, 1)).item()) < 0.03, (tv, centre)
+    z = torch.randn(100_000, 1, generator=g, dtype=torch.float64)
+    x = m.sample(lambda t, x, y: closed(t, x), z, 400, torch.full_like(z, x_T))
+    assert abs(x.mean() - mu) < 0.02 and abs(x.std() - v ** 0.5) < 0.02, (x.mean(), x.std())
+    one = m.one_step(lambda t, x, y: closed(t, x), z, torch.full_like(z, x_T))  # the first Euler step
+    torch.testing.assert_close(one, x_T + 0.3 * z + closed(torch.zeros(1), x_T + 0.3 * z))
+
+
+def test_bridge_uid_generator_loss_is_the_ibmd_loss():
+    """IBMD (Gushchin et al.): E || v*(x_t, x_T) - (x - x_t)/(1 - t) ||^2 - || v_psi(x_t, x_T) - (x - x_t)/(1 - t) ||^2
+    on the generator's coupling, with x_t on the Brownian bridge from x_T (+ noise) to x = G(z, x_T)."""
+    torch.manual_seed(0)
+    m = R.Interpolant("bridge", sigma=0.7, source_noise=0.2)
+    teacher, fake, g = (randomise_(R.MLPField(2, 32, 3, cond_dim=2), 0.3, s).double() for s in (1, 2, 3))
+    gen = R.OneStepGenerator(g, m)
+    x_T, z, z0, eps = (torch.randn(64, 2, dtype=torch.float64) for _ in range(4))
+    t = torch.rand(64, dtype=torch.float64) * 0.99
+    x = gen(z, x_T)
+    # ours: the matching model's path and target, the RealUID generator loss at alpha = beta = 1
+    noise = torch.stack([x_T + 0.2 * z0, eps], 1)
+    x_t = m.path(noise, x, t)
+    ours = R.realuid_generator_loss(teacher(t, x_t, x_T), fake(t, x_t, x_T), m.target(noise, x, t), 1.0, 1.0)
+    # IBMD, written out
+    tt = t[:, None]
+    start = x_T + 0.2 * z0
+    bridge = (1 - tt) * start + tt * x + 0.7 * (tt * (1 - tt)).sqrt() * eps
+    drift = (x - bridge) / (1 - tt)
+    ibmd = ((teacher(t, bridge, x_T) - drift) ** 2).sum(1) - ((fake(t, bridge, x_T) - drift) ** 2).sum(1)
+    torch.testing.assert_close(ours, ibmd)
+    torch.testing.assert_close(grads(ours.mean(), list(g.parameters())), grads(ibmd.mean(), list(g.parameters())))
+
+
+def test_gaussian_pairs_are_coupled_to_a_neighbouring_mode():
+    x_src, x = R.gaussian_pairs(5000, seed=3)
+    centres = R.eight_gaussians_centres().numpy()
+    assert eval_py.paired_fraction(x_src.numpy(), x.numpy(), centres) > 0.99
+    assert eval_py.paired_fraction(x_src.numpy(), x_src.numpy(), centres) == 0.0  # same mode: not a neighbour
+    k = torch.cdist(x, torch.tensor(centres)).argmin(1)
+    assert 0.45 < (k == (torch.cdist(x_src, torch.tensor(centres)).argmin(1) + 1) % 8).float().mean() < 0.55
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory):
+    """Short teachers and distillations of each non-FM family on the built-in 2D data."""
+    runs = {}
+    for model, dataset in (("vp", "8gaussians"), ("ve", "8gaussians"), ("si", "pairs"), ("bridge", "pairs")):
+        out = tmp_path_factory.mktemp(model)
+        assert R.main(["--model", model, "--dataset", dataset, "--out", str(out), "--teacher-steps", "2000",
+                       "--steps", "1500", "--eval-samples", "600", "--fid-every", "0"]) == 0
+        runs[model] = json.load(open(out / "results.json")), out
+    return runs
+
+
+@pytest.mark.parametrize("model", ["vp", "ve", "si", "bridge"])
+def test_every_family_distills_to_a_one_step_generator_far_better_than_the_teachers_one_step(model, family_runs):
+    results, out = family_runs[model]
+    generators = [v for k, v in results.items() if k.startswith("RealUID")]
+    ckpt = torch.load(R.latest_checkpoint(str(out)), weights_only=True)
+    assert ckpt["matching"]["type"] == model
+    # The teacher's single step lands between modes: diffusion near the mean (far off the data), pairs on the
+    # conditional mean between the two neighbouring modes (W2 of the joint points only a little worse, so the
+    # telling number there is the fraction paired to a neighbour, about 1 % for the teacher's step).
+    coupled = model in ("si", "bridge")
+    assert min(v["w2"] for v in generators) < (1.0 if coupled else 0.6) * results["teacher, 1 step"]["w2"], results
+    what = "paired" if coupled else "in_mode"
+    assert max(v[what] for v in generators) > results["teacher, 1 step"][what] + 0.3, results
+
+
+@pytest.mark.parametrize("flags", VARIANTS)
+def test_every_variant_runs_on_diffusion_digits_and_bridge_pairs(flags, tmp_path, family_runs, capsys):
+    assert teacher_py.main(["--model", "vp", "--param", "score", "--dataset", "digits", "--steps", "2",
+                            "--batch-size", "8", "--out", str(tmp_path / "t")] + TINY_UNET) == 0
+    assert R.main(["--dataset", "digits", "--teacher", str(tmp_path / "t" / "teacher.pt"), "--steps", "6", "--K",
+                   "2", "--batch-size", "8", "--out", str(tmp_path / "d")] + flags) == 0
+    ckpt = torch.load(R.latest_checkpoint(str(tmp_path / "d")), weights_only=True)
+    assert ckpt["matching"] == dict(type="vp", param="score", sigma_init=2.5, lam=[-10.0, 10.0], sigma=[80.0, 0.002])
+    assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
+    bridge = ["--dataset", "pairs", "--teacher", str(family_runs["bridge"][1] / "teacher.pt"), "--steps", "6",
+              "--K", "2", "--batch-size", "16", "--eval-samples", "200", "--out", str(tmp_path / "b")] + flags
+    if "--dmd" in flags:
+        assert "needs a score" in error_of(R.main, bridge, capsys)
+    else:
+        assert R.main(bridge) == 0
+
+
+def test_matching_models_are_checked_against_teacher_and_data(family_runs, toy_run, capsys, tmp_path):
+    assert "is a bridge model, not --model si" in error_of(R.main, [
+        "--dataset", "pairs", "--model", "si", "--teacher", str(family_runs["bridge"][1] / "teacher.pt")], capsys)
+    assert "needs data-to-data pairs" in error_of(teacher_py.main, ["--model", "si", "--steps", "1", "--out",
+                                                                     str(tmp_path)], capsys)
+    assert "cannot use data-to-data pairs" in error_of(R.main, ["--dataset", "pairs", "--teacher",
+                                                                str(toy_run / "teacher.pt")], capsys)
+    out = tmp_path / "s.npy"  # samples of a coupled generator come as (x_T, x1) rows
+    assert eval_py.main(["sample", str(family_runs["si"][1]), "--n", "500", "--ema", "0.995", "--out", str(out)]) == 0
+    pairs = np.load(out)
+    assert pairs.shape == (500, 4)
+    # the teacher's single step pairs about 1 %, a random mode 25 %
+    assert eval_py.paired_fraction(pairs[:, :2], pairs[:, 2:], R.eight_gaussians_centres().numpy()) > 0.35
