@@ -1451,3 +1451,27 @@ def test_matching_models_are_checked_against_teacher_and_data(family_runs, toy_r
     assert pairs.shape == (500, 4)
     # the teacher's single step pairs about 1 %, a random mode 25 %
     assert eval_py.paired_fraction(pairs[:, :2], pairs[:, 2:], R.eight_gaussians_centres().numpy()) > 0.35
+
+
+@pytest.mark.parametrize("kind", ["vp", "ve"])
+def test_score_weighting_makes_the_score_loss_the_eps_loss(kind):
+    # weight s_t^2 on || f - (-x0 / s_t) ||^2 is || (-s_t f) - x0 ||^2: the same loss in the eps network's units
+    eps_m, score_m = R.Diffusion(kind, "eps"), R.Diffusion(kind, "score")
+    g = torch.Generator().manual_seed(0)
+    f, x0, x1 = (torch.randn(64, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.rand(64, generator=g, dtype=torch.float64)
+    weighted = score_m.weight(t) * R.um_loss(f, score_m.target(x0, x1, t))
+    torch.testing.assert_close(weighted, R.um_loss(score_m.eps(f, t), eps_m.target(x0, x1, t)))
+
+
+def test_bridge_weight_bounds_each_times_share_of_the_loss():
+    # the bridge target's variance given (x0, x1) is sigma^2 t / (1 - t); weighted by 1 - t it stays <= sigma^2
+    m = R.Interpolant("bridge", sigma=0.5)
+    n, x1 = 200_000, torch.zeros(200_000, 1)
+    noise = m.noise(x1, torch.zeros_like(x1))
+    noise[:, 0] = 0  # fix x0 = 0: only the bridge's own noise remains
+    for t in (0.5, 0.9, 0.99):
+        tt = torch.full((n,), t)
+        var = m.target(noise, x1, tt).var()
+        assert float(var) == pytest.approx(0.25 * t / (1 - t), rel=0.02)
+        assert float(m.weight(tt)[0] * var) <= 0.25 * 1.02
