@@ -14,6 +14,8 @@ coverage of a known Gaussian mixture.
 """
 
 import argparse
+import copy
+import gc
 import hashlib
 import json
 import math
@@ -24,9 +26,10 @@ import time
 import numpy as np
 import torch
 
-from realuid import (DATA_FIELDS, VERSION, Config, ImageFiles, UNet, UsageError, config_dict, count_parameters,
-                     fail, generate, latest_checkpoint, load_checkpoint, load_data, load_field, make_config,
-                     matching_model, resolve_device, sample_field, save_checkpoint, save_grid, to_uint8)
+from realuid import (DATA_FIELDS, PRECISIONS, VERSION, Config, ImageFiles, Ranks, RealUID, UNet, UsageError,
+                     build_field, config_dict, count_parameters, fail, generate, latest_checkpoint, load_checkpoint,
+                     load_data, load_field, make_config, matching_model, realuid_generator_loss, realum_loss,
+                     resolve_device, sample_field, save_checkpoint, save_grid, set_precision, to_uint8, use_bf16)
 
 
 # =============================================================================
@@ -193,10 +196,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean, 0.0))
 
 
-def statistics(features):
-    """Mean and covariance of N x D features, in float64 (as clean-fid)."""
-    features = np.asarray(features, np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
+def moments(features):
+    """(n, sum, sum of outer products) of N x D features in float64: they add up across ranks."""
+    f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    return torch.tensor(float(len(f)), dtype=torch.float64), f.sum(0), f.T @ f
+
+
+def statistics(features, ranks=None):
+    """Mean and unbiased covariance of N x D features in float64 (as clean-fid); under torchrun, of all ranks'
+    features together."""
+    n, s1, s2 = moments(features)
+    if ranks is not None and ranks.world > 1:
+        import torch.distributed as dist
+        n, s1, s2 = (v.to(ranks.device) for v in (n, s1, s2))
+        for v in (n, s1, s2):
+            dist.all_reduce(v)
+        n, s1, s2 = (v.cpu() for v in (n, s1, s2))
+    mu = s1 / n
+    return mu.numpy(), ((s2 - n * torch.outer(mu, mu)) / (n - 1)).numpy()
 
 
 class InceptionFeatures:
@@ -268,9 +285,11 @@ class FID:
     statistics are computed once and cached in cache_dir.
     """
 
-    def __init__(self, ref, features, mode, shape, device, cache_dir, load=None, batch_size=500, bf16=False):
+    def __init__(self, ref, features, mode, shape, device, cache_dir, load=None, batch_size=500, bf16=False,
+                 ranks=None):
         mode = mode if mode != "auto" else "legacy_tensorflow" if ref == "cifar10" else "clean"
         self.shape, self.device, self.batch_size, self.bf16 = tuple(shape), device, batch_size, bf16
+        self.ranks = ranks or Ranks()
         reference = None  # precomputed statistics are read first: a missing download fails before any work
         if ref == "cifar10" and features == "inception":
             if self.shape != (3, 32, 32):
@@ -309,13 +328,16 @@ class FID:
         return mu, sigma, f"{ref} ({len(data)} images; statistics cached in {path})"
 
     def features(self, net, n, seed, steps=None, num_classes=None, matching=None):
+        """Features of n generated images; under torchrun this rank's share of them, from its own seed."""
+        r = self.ranks
+        n = n // r.world + (r.rank < n % r.world)
         return np.concatenate([self.extract(to_uint8(x)) for x in generate(
-            net, n, self.shape, self.device, steps, num_classes, seed, self.batch_size, self.bf16,
-            progress=f"FID: {n} samples", matching=matching)])
+            net, n, self.shape, self.device, steps, num_classes, seed * r.world + r.rank, self.batch_size, self.bf16,
+            progress=f"FID: {n} samples" if r.main else None, matching=matching)])
 
     def __call__(self, net, n, seed=0, steps=None, num_classes=None, matching=None):
-        return frechet_distance(*statistics(self.features(net, n, seed, steps, num_classes, matching)), self.mu,
-                                self.sigma)
+        features = self.features(net, n, seed, steps, num_classes, matching)
+        return frechet_distance(*statistics(features, self.ranks), self.mu, self.sigma)
 
 
 def clean_fid_statistics(name, res, mode, split):
@@ -351,8 +373,8 @@ class ModelSelection:
     """Scores the generator and every EMA; keeps best-<net>.pt (best-generator.pt, best-0.999.pt, ...) holding
     the weights with the lowest score so far. Images: FID; low-dim data: W2 to the held-out points."""
 
-    def __init__(self, cfg, data, out, device, meta, matching=None, resumed=False):
-        self.cfg, self.out, self.meta, self.device = cfg, out, meta, device
+    def __init__(self, cfg, data, out, device, meta, matching=None, resumed=False, ranks=None):
+        self.cfg, self.out, self.meta, self.device, self.ranks = cfg, out, meta, device, ranks or Ranks()
         self.shape, self.num_classes = tuple(data.shape()), data.num_classes
         if data.kind == "lowdim":
             self.metric, held = "w2", HeldOut(data, matching, device, cfg.seed)
@@ -362,8 +384,9 @@ class ModelSelection:
             ref = cfg.fid_ref or ("cifar10" if cfg.dataset == "cifar10" else cfg.dataset)
             load = load_reference_data(dict(resolution=data.shape()[-1], data_root=cfg.data_root))
             fid = FID(ref, cfg.fid_features, "auto", self.shape, device, out,
-                      lambda r: data if r == cfg.dataset else load(r))
-            print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
+                      lambda r: data if r == cfg.dataset else load(r), ranks=self.ranks)
+            if self.ranks.main:
+                print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
             self.score = lambda net: fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching)
         self.best = {}  # a fresh run overwrites older best files; a resumed one keeps its best scores
         for name in os.listdir(out) if resumed else []:
@@ -371,11 +394,14 @@ class ModelSelection:
                 self.best[name[5:-3]] = load_checkpoint(os.path.join(out, name))["score"]
 
     def __call__(self, state, step):
+        """Scores on every rank (FID generation is split across them); rank 0 keeps the files. W2 is rank 0's."""
+        if self.metric == "w2" and not self.ranks.main:
+            return {}
         nets = {"generator": state.generator.g, **{str(d): net for d, net in state.ema.items()}}
         row = {}
         for name, net in nets.items():
             row[f"{self.metric}/{name}"] = value = self.score(net)
-            if value < self.best.get(name, math.inf):
+            if value < self.best.get(name, math.inf) and self.ranks.main:
                 self.best[name] = value
                 save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(self.cfg), **self.meta,
                                      step=step, metric=self.metric, score=value, generator=net.state_dict()),
@@ -450,6 +476,215 @@ def efficiency(net, shape, device, num_classes, batches, teacher_steps, repeats=
     return rows
 
 
+# =============================================================================
+# Benchmark: the optimised loop against the straightforward Algorithm 1
+# =============================================================================
+
+HABITS = ("a garbage collection every update", "EMA by a state_dict copy loop",
+          "separate real and generated forwards", "gradients of the frozen networks", "PyTorch's default Adam")
+
+
+class StraightforwardRealUID(RealUID):
+    """Algorithm 1 as the public reference code runs it, with its habits (HABITS): a garbage collection every
+    update, the EMA through a state_dict copy loop, separate forward passes over generated and real x_t,
+    parameter gradients for the frozen teacher and fake model, and Adam's per-tensor loop. Plain RealUID
+    (eqs. 16-17), fp32: the baseline of `eval.py bench` (which drops the habits one at a time) and of the test
+    that the optimised path computes the same losses and updates."""
+
+    def __init__(self, *args, habits=HABITS, **kw):
+        super().__init__(*args, **kw)
+        self.habits, self.bf16 = set(habits), False
+        if HABITS[3] in self.habits:
+            self.teacher.requires_grad_(True)
+        for group in self.opt_fake.param_groups + self.opt_gen.param_groups if HABITS[4] in self.habits else ():
+            group["fused"] = None  # a loop over tensors on a CPU, foreach on CUDA
+
+    def fake_step(self, x_real, y=None):
+        if HABITS[2] not in self.habits:
+            return self._collect(super().fake_step(x_real, y))
+        cfg, m = self.cfg, self.matching
+        with torch.no_grad():
+            x_gen = self.generator(torch.randn_like(x_real), y)
+        x0, t = m.noise(x_real, y), m.sample_t(x_real.shape[0], x_real.device)
+        f_gen = self.fake(t, m.path(x0, x_gen, t), y)
+        f_real = self.fake(t, m.path(x0, x_real, t), y)
+        # eq. 16
+        loss = self._mean(realum_loss(f_gen, m.target(x0, x_gen, t), f_real, m.target(x0, x_real, t), cfg.alpha,
+                                      cfg.beta), t)
+        return self._update(loss, self.opt_fake, self.sched_fake, self.fake)
+
+    def generator_step(self, y=None, shape=None, device=None):
+        if HABITS[3] not in self.habits:
+            return self._collect(super().generator_step(y, shape, device))
+        cfg, m = self.cfg, self.matching
+        x_gen = self.generator(torch.randn(shape, device=device), y)
+        x0, t = m.noise(x_gen, y), m.sample_t(shape[0], device)
+        x_t = m.path(x0, x_gen, t)
+        # eq. 17; the backward pass also fills the teacher's and the fake model's unused .grad
+        loss = self._mean(realuid_generator_loss(self.teacher(t, x_t, y), self.fake(t, x_t, y),
+                                                 m.target(x0, x_gen, t), cfg.alpha, cfg.beta), t)
+        return self._update(loss, self.opt_gen, self.sched_gen, self.generator, emas=True)
+
+    def update_emas(self):
+        if HABITS[1] not in self.habits:
+            return super().update_emas()
+        for decay, ema_net in self.ema.items():
+            straightforward_ema(ema_net, self.generator.g, decay)
+
+    def _update(self, loss, optimiser, sched, net, emas=False):
+        optimiser.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+        optimiser.step()
+        sched.step()
+        if emas:
+            self.update_emas()
+        self.step += 1
+        return self._collect((loss.detach(), grad_norm))
+
+    def _collect(self, result):
+        if HABITS[0] in self.habits:
+            gc.collect()
+        return result
+
+
+@torch.no_grad()
+def straightforward_ema(ema_net, net, decay):
+    source = net.state_dict()
+    for name, value in ema_net.state_dict().items():
+        value.copy_(decay * value + (1 - decay) * source[name])
+
+
+BENCH_UNETS = dict(  # cifar10: the paper's network; small: a reduced one that runs in a minute on a laptop CPU
+    cifar10=dict(type="unet", in_channels=3, image_size=32, channels=128, channel_mult=[1, 2, 2, 2],
+                 num_res_blocks=2, attention_resolutions=[16], num_heads=4, num_head_channels=64, dropout=0.0),
+    small=dict(type="unet", in_channels=3, image_size=16, channels=32, channel_mult=[1, 2], num_res_blocks=1,
+               attention_resolutions=[8], num_heads=4, num_head_channels=32, dropout=0.0))
+
+
+def bench_state(spec, device, precision="fp32", habits=None, channels_last=False, compile=False, seed=0, **cfg):
+    """A RealUID state on random networks (time and memory do not depend on the weights); with habits, the
+    straightforward loop that has them."""
+    torch.manual_seed(seed)
+    teacher = build_field(spec).to(device)
+    fake, g = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    for net in (teacher, fake, g):
+        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if compile:
+            net.compile()
+    config = Config(precision=precision, **cfg)
+    if not habits:
+        return RealUID(config, teacher, fake, g, fake_spec=spec)
+    return StraightforwardRealUID(config, teacher, fake, g, fake_spec=spec, habits=habits)
+
+
+def timed(fn, device, warmup, repeats, budget):
+    """(median seconds, runs) of fn after warm-up calls; no new run starts after budget seconds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for _ in range(warmup):
+        fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - start < budget):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), len(times)
+
+
+def peak_matmul(device, dtype, n=None, repeats=10):
+    """The machine's matrix throughput in FLOP/s, measured on a large square product in dtype."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds, _ = timed(lambda: a @ b, device, 2, repeats, 30.0)
+    return 2 * n ** 3 / seconds
+
+
+def iteration_flops(state, x):
+    """Matrix FLOPs (forward and backward) of one iteration: K fake updates and one generator update."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        run_iteration(state, x)
+    return counter.get_total_flops()
+
+
+def run_iteration(state, x):
+    for _ in range(state.cfg.K):
+        state.fake_step(x)
+    state.generator_step(None, x.shape, x.device)
+
+
+def straightforward_teacher_step(net, optimiser, ema, m, x1, grad_clip):
+    x0, t = m.noise(x1), m.sample_t(x1.shape[0], x1.device)
+    loss = ((net(t, m.path(x0, x1, t)) - m.target(x0, x1, t)) ** 2).flatten(1).sum(1).mean()
+    optimiser.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimiser.step()
+    for decay, ema_net in ema.items():
+        straightforward_ema(ema_net, net, decay)
+    gc.collect()
+
+
+def bench_input(spec, batch, device):
+    return torch.randn(batch, spec["in_channels"], spec["image_size"], spec["image_size"], device=device)
+
+
+def bench(spec, device, batch, precision="auto", K=5, warmup=2, repeats=10, budget=30.0, base=None, log=print):
+    """Rows of (what, implementation, median ms, images/s, peak memory) for the straightforward loop, the
+    optimised one in fp32 and, where --precision makes it bf16, the optimised one in bf16."""
+    from teacher import teacher_step
+    x = bench_input(spec, batch, device)
+    impls = [("straightforward", HABITS, "fp32"), ("optimised fp32", None, "fp32")]
+    if use_bf16(precision, device, spec):
+        impls.append(("optimised bf16", None, "bf16"))
+    rows = []
+    for impl, habits, prec in impls:
+        state = bench_state(spec, device, prec, habits, K=K, batch_size=batch)
+        net, m = state.fake, state.matching
+        ema = {0.9999: copy.deepcopy(net).requires_grad_(False)}
+        if habits:
+            teacher = lambda: straightforward_teacher_step(net, state.opt_fake, ema, m, x, 1.0)
+        else:
+            teacher = lambda: teacher_step(net, state.opt_fake, state.sched_fake, ema, m, x, None, 1.0, state.bf16)
+        one_step = lambda: next(generate(state.generator.g, batch, tuple(x.shape[1:]), device, batch_size=batch,
+                                         bf16=state.bf16))
+        for what, fn, images in [("teacher step", teacher, batch), ("fake step", lambda: state.fake_step(x), batch),
+                                 ("generator step", lambda: state.generator_step(None, x.shape, device), batch),
+                                 (f"iteration (K={K} + 1)", lambda: run_iteration(state, x), (K + 1) * batch),
+                                 ("one-step inference", one_step, batch)]:
+            reset_peak_memory(device)
+            seconds, runs = timed(fn, device, warmup, repeats, budget)
+            rows.append(dict(what=what, impl=impl, ms=1000 * seconds, images_per_s=images / seconds, runs=runs,
+                             peak_bytes=peak_memory(device, base)[0]))
+            log(f"  {impl:<17} {what:<22} {1000 * seconds:9.1f} ms  ({runs} runs)")
+        del state
+        gc.collect()
+    return rows
+
+
+def ladder(spec, device, batch, K=5, warmup=2, repeats=10, budget=30.0, compile=False, log=print):
+    """Iteration times as the straightforward loop drops its habits one at a time (each rung keeps the drops
+    above it; the last is the optimised fp32 loop), then each optional speed-up on the optimised loop alone:
+    [(change, ms)]."""
+    x = bench_input(spec, batch, device)
+    rungs = [("straightforward", dict(habits=HABITS))]
+    rungs += [(f"- {h}", dict(habits=HABITS[i + 1:])) for i, h in enumerate(HABITS)]
+    rungs += [("+ bf16 autocast", dict(precision="bf16")), ("+ channels_last", dict(channels_last=True)),
+              ("+ bf16 autocast and channels_last", dict(precision="bf16", channels_last=True))]
+    rungs += [("+ torch.compile", dict(compile=True))] if compile else []
+    rows = []
+    for change, options in rungs:
+        state = bench_state(spec, device, K=K, batch_size=batch, **options)
+        seconds, _ = timed(lambda: run_iteration(state, x), device, warmup, repeats, budget)
+        rows.append((change, 1000 * seconds))
+        log(f"  {change:<40} {1000 * seconds:9.1f} ms")
+        del state
+        gc.collect()
+    return rows
+
+
 def load_net(args):
     """(path, network, checkpoint, steps, matching model): a generator takes one step (steps None), a teacher
     --steps of its sampler, default 100."""
@@ -486,6 +721,58 @@ def cmd_efficiency(args):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(parameters=count_parameters(net), device=name, rows=rows), f, indent=2)
+    return rows
+
+
+def cmd_bench(args):
+    device = resolve_device(args.device)
+    set_precision(args.precision, device)
+    size = args.size or ("cifar10" if device.type == "cuda" else "small")
+    spec = BENCH_UNETS[size]
+    batch = args.batch or (256 if device.type == "cuda" else 16)
+    if batch < 1 or args.repeats < 1 or args.K < 1:
+        raise UsageError("--batch, --repeats and --K must be positive")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bench: {size} UNet ({count_parameters(build_field(spec)) / 1e6:.2f} M parameters, "
+          f"{spec['image_size']}x{spec['image_size']}), batch {batch}, K = {args.K}, on {name}")
+    base = rss_bytes() if device.type == "cpu" else None
+    rows = bench(spec, device, batch, args.precision, args.K, args.warmup, args.repeats, args.budget, base)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    table = {(r["what"], r["impl"]): r for r in rows}
+    mem = "peak MB" if device.type == "cuda" else "peak RSS MB"
+    print(f"\n{'':<22}" + "".join(f"{i:>26}" for i in impls) + "".join(f"{'x ' + i[10:]:>10}" for i in impls[1:])
+          + f"   {mem}")
+    for what in dict.fromkeys(r["what"] for r in rows):
+        cells = [table[what, i] for i in impls]
+        line = f"{what:<22}" + "".join(f"{c['ms']:>10.1f} ms {c['images_per_s']:>7.0f} im/s" for c in cells)
+        line += "".join(f"{cells[0]['ms'] / c['ms']:>9.2f}x" for c in cells[1:])
+        line += "   " + " / ".join("n/a" if c["peak_bytes"] is None else f"{c['peak_bytes'] / 2**20:.0f}"
+                                   for c in cells)
+        print(line)
+    steps = []
+    if args.ladder:
+        print("\nthe iteration, one change at a time:")
+        steps = ladder(spec, device, batch, args.K, args.warmup, args.repeats, args.budget, args.compile,
+                       log=lambda *a: None)
+        first, optimised = steps[0][1], steps[len(HABITS)][1]
+        for i, (change, ms) in enumerate(steps):
+            before = steps[i - 1][1] if 0 < i <= len(HABITS) else optimised
+            print(f"  {change:<40} {ms:9.1f} ms  {before / ms:5.2f}x this change  {first / ms:5.2f}x in all")
+    flops = iteration_flops(bench_state(spec, device, K=args.K, batch_size=batch), bench_input(spec, batch, device))
+    peaks = {"fp32": peak_matmul(device, torch.float32)}
+    if any(i.endswith("bf16") for i in impls):
+        peaks["bf16"] = peak_matmul(device, torch.bfloat16)
+    print(f"\none iteration: {flops / 1e9:.1f} GFLOP of matrix products; the machine's measured peak "
+          + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
+    for impl in impls:
+        ms = table[f"iteration (K={args.K} + 1)", impl]["ms"]
+        peak = peaks["bf16" if impl.endswith("bf16") else "fp32"]
+        print(f"  {impl:<17} {flops / ms / 1e9:8.2f} TFLOP/s = {100 * flops / (ms / 1e3) / peak:5.1f}% of the "
+              f"{'bf16' if impl.endswith('bf16') else 'fp32'} peak")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=name, size=size, spec=spec, batch=batch, K=args.K, rows=rows, ladder=steps,
+                           iteration_flops=flops, peak_flops=peaks), f, indent=2)
     return rows
 
 
@@ -604,9 +891,25 @@ def main(argv=None):
     e.add_argument("--repeats", type=int, default=10, help="timed runs per row (median)")
     e.add_argument("--budget", type=float, default=20.0, help="seconds per row after which no new run starts")
     e.add_argument("--out", default="", help="also write the rows to this .json")
+    b = sub.add_parser("bench", help="milliseconds per update and per iteration: the straightforward loop against "
+                                     "the optimised one")
+    b.add_argument("--size", default="", choices=("", *BENCH_UNETS), help="the UNet (default: cifar10, the paper's, "
+                                                                         "on CUDA; small on a CPU)")
+    b.add_argument("--batch", type=int, default=0, help="batch size (default 256 on CUDA, 16 on a CPU)")
+    b.add_argument("--K", type=int, default=5, help="fake updates per generator update")
+    b.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="the optimised loop's, besides fp32 (auto: as realuid.py picks for this device)")
+    b.add_argument("--ladder", action="store_true", help="also time the iteration as each habit of the "
+                                                        "straightforward loop is dropped and each option added")
+    b.add_argument("--compile", action="store_true", help="with --ladder: also torch.compile (minutes)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+    b.add_argument("--repeats", type=int, default=10, help="timed calls per row (median)")
+    b.add_argument("--budget", type=float, default=30.0, help="seconds per row after which no new call starts")
+    b.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    b.add_argument("--out", default="", help="also write the rows to this .json")
     args = p.parse_args(argv)
     try:
-        {"sample": cmd_sample, "fid": cmd_fid, "efficiency": cmd_efficiency}[args.command](args)
+        {"sample": cmd_sample, "fid": cmd_fid, "efficiency": cmd_efficiency, "bench": cmd_bench}[args.command](args)
     except UsageError as e:
         return fail("eval.py", e)
     return 0

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from realuid import (DATA_FIELDS, VERSION, UsageError, batches, build_field, check_batch_size, config_dict,
-                     count_parameters, default_field_spec, ema_update, fail, load_data, make_config, matching_model,
-                     opt, parser_from_dataclass, resolve_device, sample_field, save_checkpoint, save_grid, um_loss,
+from realuid import (DATA_FIELDS, PRECISIONS, VERSION, Ranks, UsageError, batches, build_field, check_batch_size,
+                     check_world, config_dict, count_parameters, default_field_spec, ema_update, fail, finish,
+                     fused_adam, init_ranks, load_data, make_config, matching_model, noise_and_time, opt,
+                     parser_from_dataclass, sample_field, save_checkpoint, save_grid, set_precision, um_loss, use_bf16,
                      warmup_schedule)
 
 
@@ -55,7 +56,9 @@ class TeacherConfig:
     out: str = opt("", "output folder (default runs/<dataset>); writes teacher.pt there")
     data_root: str = opt("data", "where cifar10 is found or downloaded")
     resolution: int = opt(0, "image side: image folders (default 64) and digits (16 or 32, default 16)")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (under torchrun: each rank's own card)")
+    precision: str = opt("auto", "fp32, or bf16 autocast; auto: bf16 for UNets on CUDA cards and AMX CPUs",
+                         choices=PRECISIONS)
     seed: int = opt(0, "seed")
     workers: int = opt(2, "data-loader processes for image folders")
     log_every: int = opt(100, "updates between progress-bar updates")
@@ -79,36 +82,53 @@ def matching_spec(cfg):
     return dict(type="fm")
 
 
-def train_teacher(cfg, data, device, path):
-    """Fit u(t, x_t[, y]) to the conditional target (Def. 1); write the checkpoint to path and return the net."""
+def teacher_step(net, optimiser, sched, ema, m, x1, y, grad_clip, bf16=False, ranks=None):
+    """One UM update (Def. 1, eq. 3): || u(t, x_t[, y]) - f_t(x_t | x1) ||^2, weighted as m asks; returns the
+    loss as a tensor (no host sync)."""
+    ranks = ranks or Ranks()
+    x0, t = noise_and_time(m, x1, y, ranks)
+    with torch.autocast(x1.device.type, torch.bfloat16, enabled=bf16):
+        u = net(t, m.path(x0, x1, t), y).float()
+    loss, w = um_loss(u, m.target(x0, x1, t)), m.weight(t)
+    loss = (loss if w is None else w * loss).mean()
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    ranks.average(net.parameters())
+    nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimiser.step()
+    sched.step()
+    for decay, ema_net in ema.items():
+        ema_update(ema_net, net, decay)
+    return loss.detach()
+
+
+def train_teacher(cfg, data, device, path, ranks=None):
+    """Fit u(t, x_t[, y]) to the conditional target (Def. 1); write the checkpoint to path and return the net.
+    Under torchrun each rank takes its share of every batch and rank 0 writes the file."""
     from tqdm import tqdm
+    ranks = ranks or Ranks()
     torch.manual_seed(cfg.seed)
     spec = default_field_spec(data, cfg)
     net = build_field(spec).to(device).train()
     ema = {d: copy.deepcopy(net).eval().requires_grad_(False) for d in cfg.ema}
-    optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=fused_adam(device))
     sched = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_schedule(cfg.warmup))
     m = matching_model(matching_spec(cfg))
     if m.coupled != data.coupled:
         raise UsageError(f"--model {cfg.model} {'needs' if m.coupled else 'cannot use'} data-to-data pairs "
                          f"(--dataset pairs)")
-    source = batches(data, cfg.batch_size, device, cfg.seed, workers=cfg.workers)
-    bar = tqdm(range(cfg.steps), desc="teacher", dynamic_ncols=True, disable=None, mininterval=1.0)
+    source = batches(data, cfg.batch_size, device, cfg.seed, workers=cfg.workers, ranks=ranks)
+    bf16 = use_bf16(getattr(cfg, "precision", "fp32"), device, spec)
+    bar = tqdm(range(cfg.steps), desc="teacher", dynamic_ncols=True, disable=None if ranks.main else True,
+               mininterval=1.0)
     for step in bar:
         x1, y = next(source)
-        x0, t = m.noise(x1, y), m.sample_t(x1.shape[0], device)
-        loss, w = um_loss(net(t, m.path(x0, x1, t), y), m.target(x0, x1, t)), m.weight(t)
-        loss = (loss if w is None else w * loss).mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        optimiser.step()
-        sched.step()
-        for decay, ema_net in ema.items():
-            ema_update(ema_net, net, decay)
+        loss = teacher_step(net, optimiser, sched, ema, m, x1, y, cfg.grad_clip, bf16, ranks)
         if (step + 1) % cfg.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     bar.close()
+    if not ranks.main:
+        return net
     save_checkpoint(dict(version=VERSION, kind="teacher", config=config_dict(cfg), matching=m.spec(),
                          data=data.info(cfg.dataset), field=spec, net=net.state_dict(),
                          ema={str(d): m.state_dict() for d, m in ema.items()}), path)
@@ -131,23 +151,27 @@ def main(argv=None):
         if cfg.steps < 1 or cfg.lr <= 0 or cfg.warmup < 0 or not all(0 < d < 1 for d in cfg.ema):
             raise UsageError("--steps and --lr must be positive, --warmup non-negative, --ema in (0, 1)")
         check_batch_size(cfg.batch_size, data)
-        device = resolve_device(cfg.device)
+        ranks, device = init_ranks(cfg.device)
+        check_world(cfg.batch_size, ranks)
+        set_precision(cfg.precision, device)
     except UsageError as e:
         return fail("teacher.py", e)
     out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset.rstrip("/")))[0])
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "teacher.pt")
     spec = default_field_spec(data, cfg)
-    print(f"teacher: {cfg.dataset} ({len(data)} items), {cfg.steps} updates on {device}, "
-          f"{count_parameters(build_field(spec))} parameters -> {path}")
+    say = print if ranks.main else lambda *a: None
+    say(f"teacher: {cfg.dataset} ({len(data)} items), {cfg.steps} updates on {device}"
+        f"{f' x {ranks.world} ranks' if ranks.world > 1 else ''}, {count_parameters(build_field(spec))} "
+        f"parameters -> {path}")
     t0 = time.time()
     try:
-        train_teacher(cfg, data, device, path)
+        train_teacher(cfg, data, device, path, ranks)
     except UsageError as e:
         return fail("teacher.py", e)
-    print(f"teacher training took {time.time() - t0:.0f} s")
+    say(f"teacher training took {time.time() - t0:.0f} s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(finish(main()))

@@ -1475,3 +1475,167 @@ def test_bridge_weight_bounds_each_times_share_of_the_loss():
         var = m.target(noise, x1, tt).var()
         assert float(var) == pytest.approx(0.25 * t / (1 - t), rel=0.02)
         assert float(m.weight(tt)[0] * var) <= 0.25 * 1.02
+
+
+# =============================================================================
+# Speed and scale-out: the optimised loop is Algorithm 1, and N ranks are one process
+# =============================================================================
+
+TINY_UNET = dict(type="unet", in_channels=3, image_size=8, channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                 attention_resolutions=[4], num_heads=2, num_head_channels=-1, dropout=0.0)
+
+
+def paired_states(spec, **cfg):
+    """The straightforward loop (every habit) and the optimised one, on the same random networks."""
+    states = []
+    for habits in (eval_py.HABITS, None):
+        torch.manual_seed(0)
+        teacher = randomise_(R.build_field(spec), scale=0.1)
+        fake, g = randomise_(R.build_field(spec), scale=0.1, seed=1), copy.deepcopy(teacher)
+        config = R.Config(alpha=0.9, beta=0.95, lr=1e-3, warmup=2, ema=(0.9, 0.99), precision="fp32", **cfg)
+        make = eval_py.StraightforwardRealUID if habits else R.RealUID
+        states.append(make(config, teacher, fake, g, fake_spec=spec, **({"habits": habits} if habits else {})))
+    return states
+
+
+@pytest.mark.parametrize("spec", [dict(type="mlp", dim=2, hidden=32, num_classes=None), TINY_UNET],
+                         ids=["mlp", "unet"])
+def test_the_optimised_loop_computes_the_losses_and_gradients_of_the_straightforward_algorithm_1(spec):
+    plain, fast = paired_states(spec)
+    x = torch.randn((16, 2) if spec["type"] == "mlp" else (16, 3, 8, 8))
+    for step in range(6):  # fake, fake, generator, twice
+        out = []
+        for state in (plain, fast):
+            torch.manual_seed(100 + step)
+            out.append(state.fake_step(x) if step % 3 < 2 else state.generator_step(None, x.shape, x.device))
+        net = (plain.fake, fast.fake) if step % 3 < 2 else (plain.generator, fast.generator)
+        assert torch.allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-7)  # the loss
+        assert torch.allclose(out[0][1], out[1][1], rtol=1e-5, atol=1e-7)  # the gradient norm
+        for (name, p), q in zip(net[0].named_parameters(), net[1].parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+        assert all(p.grad is None for p in fast.teacher.parameters())  # no work for the frozen teacher
+        for a, b in [(plain.fake, fast.fake), (plain.generator, fast.generator)]:
+            b.load_state_dict(a.state_dict())  # Adam amplifies rounding in near-zero gradients: re-align
+
+
+def test_fused_adam_and_the_foreach_ema_are_the_per_tensor_updates():
+    torch.manual_seed(0)
+    nets = [R.MLPField(2, 16, 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    optimisers = [torch.optim.Adam(n.parameters(), lr=1e-3, betas=(0.0, 0.999), fused=f)
+                  for n, f in zip(nets, (False, True))]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in nets[0].parameters()]
+        for net, optimiser in zip(nets, optimisers):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g.clone()
+            optimiser.step()
+    for p, q in zip(*(n.parameters() for n in nets)):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-8)
+    emas = [randomise_(R.MLPField(2, 16, 3), seed=5) for _ in range(2)]
+    before = copy.deepcopy(emas[0].state_dict())
+    R.ema_update(emas[0], nets[0], 0.99)
+    eval_py.straightforward_ema(emas[1], nets[0], 0.99)
+    for p, q in zip(*(e.parameters() for e in emas)):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-8)
+    assert all(not torch.equal(v, emas[0].state_dict()[k]) for k, v in before.items())
+
+
+def test_bf16_autocast_runs_the_networks_in_bf16_and_the_loss_algebra_in_fp32():
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        teacher = randomise_(R.build_field(TINY_UNET), scale=0.1)
+        cfg = R.Config(alpha=0.9, beta=0.95, lr=1e-3, warmup=0, ema=(0.9,), precision=precision)
+        state = R.RealUID(cfg, teacher, randomise_(R.build_field(TINY_UNET), 0.1, 1), copy.deepcopy(teacher),
+                          fake_spec=TINY_UNET)
+        torch.manual_seed(1)
+        losses[precision] = state.fake_step(torch.randn(8, 3, 8, 8))[0]
+    assert losses["bf16"].dtype == torch.float32
+    assert losses["bf16"] != losses["fp32"]  # bf16 really ran
+    assert torch.allclose(losses["bf16"], losses["fp32"], rtol=0.02)
+
+
+def test_precision_auto_picks_bf16_only_for_unets_on_fast_bf16_hardware(monkeypatch):
+    cpu, unet, mlp = torch.device("cpu"), dict(type="unet"), dict(type="mlp")
+    assert R.use_bf16("bf16", cpu, mlp) and not R.use_bf16("fp32", cpu, unet)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not R.use_bf16("auto", cpu, unet)  # AVX512-BF16 alone: bf16 ran at half the fp32 speed
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert R.use_bf16("auto", cpu, unet) and not R.use_bf16("auto", cpu, mlp)
+
+
+@given(world=st.sampled_from([2, 4]), per_rank=st.integers(1, 5), seed=st.integers(0, 1000))
+@quick
+def test_ranks_draw_the_rows_of_the_global_batch_that_one_process_draws(world, per_rank, seed):
+    x = torch.randn(world * per_rank, 3)
+    m = R.Interpolant("bridge")  # noise from two draws and the source y
+    torch.manual_seed(seed)
+    x0, t = R.noise_and_time(m, x, x)
+    for rank in range(world):
+        ranks = R.Ranks(rank, world)
+        torch.manual_seed(seed)
+        x0_r, t_r = R.noise_and_time(m, ranks.shard(x), ranks.shard(x), ranks)
+        assert torch.equal(x0_r, ranks.shard(x0)) and torch.equal(t_r, ranks.shard(t))
+    shards = [iter(R.BatchIndices(50, 12, seed, 3, R.Ranks(r, world))) for r in range(world)]
+    glob = iter(R.BatchIndices(50, 12, seed, 3))
+    for _ in range(6):  # the distributed sampler: the ranks' rows make up the global batch k
+        assert torch.equal(torch.cat([next(s) for s in shards]), next(glob))
+
+
+def _replica_worker(rank, world, init, perturb, result):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = R.MLPField(2, 8, 2)
+    if perturb and rank == 1:
+        with torch.no_grad():
+            next(net.parameters())[0, 0] += 1e-6
+    try:
+        R.Ranks(rank, world).check_replicas([net])
+        result[rank] = "same"
+    except R.UsageError:
+        result[rank] = "drifted"
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_the_replica_check_catches_ranks_whose_weights_drift_apart(perturb, tmp_path):
+    import torch.multiprocessing as mp
+    result = mp.Manager().dict()
+    mp.spawn(_replica_worker, args=(2, f"file://{tmp_path}/rendezvous", perturb, result), nprocs=2)
+    assert dict(result) == {0: "drifted", 1: "drifted"} if perturb else {0: "same", 1: "same"}
+
+
+def torchrun(script, *args, ranks=2):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
+        if ranks > 1 else [sys.executable]
+    out = subprocess.run([*command, script, *args, "--device", "cpu"], cwd=HERE, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_torchrun_with_two_ranks_trains_what_one_process_trains_on_the_global_batch(tmp_path):
+    common = ["--dataset", "8gaussians", "--batch-size", "64", "--hidden", "32", "--seed", "3"]
+    for ranks in (1, 2):
+        torchrun("teacher.py", *common, "--steps", "30", "--out", str(tmp_path / f"teacher{ranks}"), ranks=ranks)
+    teachers = [R.load_checkpoint(tmp_path / f"teacher{r}" / "teacher.pt") for r in (1, 2)]
+    for name, v in teachers[0]["net"].items():
+        assert torch.allclose(v, teachers[1]["net"][name], rtol=1e-4, atol=1e-6), name
+    runs = []
+    for ranks in (1, 2):
+        out = tmp_path / f"run{ranks}"
+        log = torchrun("realuid.py", *common, "--teacher", str(tmp_path / "teacher1" / "teacher.pt"), "--steps", "18",
+                       "--K", "2", "--log-every", "6", "--fid-every", "0", "--eval-samples", "200", "--out", str(out),
+                       ranks=ranks)
+        assert log.stdout.count("realuid: 8gaussians") == 1  # rank 0 alone speaks
+        runs.append(R.load_checkpoint(R.latest_checkpoint(str(out))))
+    assert runs[0]["step"] == runs[1]["step"] == 18
+    for part in ("generator", "fake"):
+        for name, v in runs[0][part].items():
+            assert torch.allclose(v, runs[1][part][name], rtol=1e-4, atol=1e-5), (part, name)
+    for decay, sd in runs[0]["ema"].items():
+        for name, v in sd.items():
+            assert torch.allclose(v, runs[1]["ema"][decay][name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(v, teachers[0]["net"][n]) for n, v in runs[1]["generator"].items())
