@@ -149,9 +149,7 @@ def report_lowdim(state, data, out, device, seed=0):
 
 def plot_points(real, rows, results, path):
     """Real points beside the teacher at 1 and 100 steps and the best one-step generator."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     best = min((name for name in rows if name.startswith("RealUID")), key=lambda name: results[name]["w2"])
     names = ["real (held out)", "teacher, 1 step", "teacher, 100 steps", best]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), sharex=True, sharey=True)
@@ -685,6 +683,318 @@ def ladder(spec, device, batch, K=5, warmup=2, repeats=10, budget=30.0, compile=
     return rows
 
 
+# =============================================================================
+# The paper's claims at laptop scale (eval.py reproduce): 1D Gaussians in closed form,
+# then trained runs on the 2D data and on digits
+# =============================================================================
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def fm_field_1d(t, x, mu, s=1.0):
+    """The marginal field of flow matching from N(0, 1) noise at t = 0 to N(mu, s^2) data at t = 1."""
+    var = (1 - t) ** 2 + t ** 2 * s ** 2
+    return mu + (t * s ** 2 - (1 - t)) / var * (x - t * mu)
+
+
+def fm_density_1d(t, x, mu, s=1.0):
+    var = (1 - t) ** 2 + t ** 2 * s ** 2
+    return torch.exp(-(x - t * mu) ** 2 / (2 * var)) / (2 * math.pi * var) ** 0.5
+
+
+def distance_density_1d(t, x, mu_star, mu_th, alpha, beta, mu_teacher=None, s_star=1.0, s_th=1.0):
+    """l_t(x, b, a) of eq. 18 for data N(mu_star, s_star^2) and generator N(mu_th, s_th^2); with mu_teacher, the
+    field of a corrupted teacher N(mu_teacher, s_star^2) stands for f* where the teacher enters (A.1.4, eq. 25)."""
+    p_star, p_th = fm_density_1d(t, x, mu_star, s_star), fm_density_1d(t, x, mu_th, s_th)
+    f_star, f_th = fm_field_1d(t, x, mu_star, s_star), fm_field_1d(t, x, mu_th, s_th)
+    f_hat = f_star if mu_teacher is None else fm_field_1d(t, x, mu_teacher, s_star)
+    mix = (1 - alpha) * p_star + alpha * p_th
+    return (f_hat * mix - (1 - beta) * p_star * f_star - beta * p_th * f_th) ** 2 / mix
+
+
+FIG3 = dict(t=2 / 3, mu_star=2.0, mu_th=-2.0)  # the paper's t = 1/3 in its reversed time (A.1.3)
+PAIRS_1D = [(1.0, 1.0), (0.9, 0.9), (0.9, 0.85), (0.9, 0.95)]
+CORRECTION_PAIRS = PAIRS_1D + [(0.5, 0.9)]  # far from the paper's range, where the closed form corrects
+
+
+def loss_surface(path):
+    """Figure 3: l_t(x) across x for several (alpha, beta), on a log scale; and how strongly each detects the
+    real data where the generator puts no mass: l_t at the real mean over l_t at the generated mean."""
+    t, mu_star, mu_th = FIG3["t"], FIG3["mu_star"], FIG3["mu_th"]
+    x = torch.linspace(-8, 8, 3201, dtype=torch.float64)
+    plt, rows = pyplot(), []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for alpha, beta in PAIRS_1D:
+        l = distance_density_1d(t, x, mu_star, mu_th, alpha, beta)
+        at = lambda m: distance_density_1d(t, torch.tensor(t * m, dtype=torch.float64), mu_star, mu_th, alpha,  # noqa
+                                           beta).item()
+        rows.append(dict(alpha=alpha, beta=beta, distance=torch.trapezoid(l, x).item(),
+                         real_over_generated=at(mu_star) / at(mu_th)))
+        ax.semilogy(x, l, label=f"alpha={alpha}, beta={beta} (beta/alpha={beta / alpha:.3f})")
+    for m, name in ((mu_star, "real"), (mu_th, "generated")):
+        ax.axvline(t * m, color="grey", lw=0.8, ls="--")
+        ax.annotate(f"{name} mean", (t * m, 1e-5), fontsize=8, rotation=90, ha="right")
+    ax.set_ylim(1e-6, 10)
+    ax.set(xlabel="x_t", ylabel="l_t(x)", title=f"RealUID distance density, t = {t:.3g} (the paper's 1/3), "
+                                                  f"real N({mu_star:g}, 1), generated N({mu_th:g}, 1)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return rows
+
+
+def optimal_mean_1d(mu_star, mu_teacher, alpha, beta):
+    """The generator mean N(mu, 1) minimising the corrupted-teacher distance integrated over t and x (eq. 25)."""
+    from scipy.optimize import minimize_scalar
+    t = torch.linspace(0.02, 0.98, 25, dtype=torch.float64)[:, None]
+    x = torch.linspace(-14, 14, 1401, dtype=torch.float64)[None]
+
+    def distance(mu):
+        return torch.trapezoid(distance_density_1d(t, x, mu_star, mu, alpha, beta, mu_teacher), x).mean().item()
+    return minimize_scalar(distance, bounds=(mu_star - 5, mu_star + 5), method="bounded",
+                           options=dict(xatol=1e-6)).x
+
+
+def teacher_correction_1d(path, deviations):
+    """Figure 4 in closed form: the best generator mean under a teacher whose data mean is off by d."""
+    mu_star, plt = -2.0, pyplot()
+    rows = [dict(alpha=a, beta=b, deviation=float(d), mu=optimal_mean_1d(mu_star, mu_star + d, a, b))
+            for a, b in CORRECTION_PAIRS for d in deviations]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(deviations, mu_star + np.asarray(deviations), color="grey", ls="--", label="the teacher's mean")
+    for a, b in CORRECTION_PAIRS:
+        ax.plot(deviations, [r["mu"] for r in rows if (r["alpha"], r["beta"]) == (a, b)], marker="o", ms=3,
+                label=f"alpha={a}, beta={b}")
+    ax.axhline(mu_star, color="k", lw=0.8, label="the real mean")
+    ax.set(xlabel="teacher error (its data mean minus the real one)", ylabel="optimal generator mean",
+           title="Teacher correction, 1D Gaussians, closed form")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return rows
+
+
+REPRO_EMA = 0.95  # short runs: the EMA 0.99 would still mostly remember the generator's start (the teacher)
+REPRODUCE = dict(  # minutes on 2 CPU cores: the default about 25, --quick about 2
+    default=dict(seeds=3, teacher_steps=5000, steps=1800, batch=256, every=450, eval_samples=1000,
+                 alphas=(0.90, 0.94, 0.98), ratios=(0.96, 1.0, 1.04), digits_seeds=2, digits_teacher_steps=1500,
+                 digits_steps=400, digits_batch=32, digits_every=100, digits_fid_samples=1000, digits_alphas=(0.94,),
+                 shift=0.5, deviations=np.linspace(-1.5, 1.5, 13)),
+    quick=dict(seeds=1, teacher_steps=500, steps=240, batch=256, every=80, eval_samples=300, alphas=(0.94,),
+               ratios=(0.96, 1.0, 1.04), digits_seeds=1, digits_teacher_steps=60, digits_steps=24, digits_batch=16,
+               digits_every=12, digits_fid_samples=200, digits_alphas=(0.94,), shift=0.5,
+               deviations=np.linspace(-1.5, 1.5, 5)))
+
+
+def grid_configs(alphas, ratios):
+    """Table 1's grid: UID, then alpha x beta/alpha where beta <= 1 (alpha = beta < 1 is ratio 1)."""
+    configs = [("UID", 1.0, 1.0)]
+    for alpha in alphas:
+        configs += [(f"{alpha:.2f}, {r:.2f}", alpha, round(alpha * r, 6)) for r in ratios if alpha * r <= 1]
+    return configs
+
+
+def distill_run(argv, out):
+    """realuid.py with these flags into a fresh folder out, its output into out/log.txt; returns the
+    metrics.jsonl rows and the closing results (low-dim data)."""
+    import contextlib
+    import shutil
+    from realuid import main as realuid_main
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    with open(os.path.join(out, "log.txt"), "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        code = realuid_main([*argv, "--out", out])
+    if code != 0:
+        raise UsageError(f"the run in {out} failed (exit code {code}); its output is in {out}/log.txt")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    results = os.path.join(out, "results.json")
+    return rows, (json.load(open(results)) if os.path.isfile(results) else None)
+
+
+def mean_spread(values):
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def curve(rows, key):
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def plot_convergence(curves, metric, path, title):
+    """Figure 2: the metric against updates, mean over seeds, for each named list of per-seed curves."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, per_seed in curves.items():
+        steps = [s for s, _ in per_seed[0]]
+        values = np.array([[v for _, v in c] for c in per_seed])
+        ax.plot(steps, values.mean(0), marker="o", ms=3, label=name)
+        if len(per_seed) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+    ax.set(xlabel="updates (fake and generator)", ylabel=metric, title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_grid(out, configs, seeds, common, key, log):
+    """Distil every config with every seed; (final metric per config and seed, metric curves)."""
+    table, curves = {}, {}
+    for name, alpha, beta in configs:
+        for seed in seeds:
+            folder = os.path.join(out, name.replace(", ", "-").replace(" + ", "-"), f"seed{seed}")
+            rows, _ = distill_run([*common, "--alpha", str(alpha), "--beta", str(beta), "--seed", str(seed),
+                                   *(["--gan"] if "GAN" in name else [])], folder)
+            curves.setdefault(name, []).append(curve(rows, key))
+            table.setdefault(name, []).append(curves[name][-1][-1][1])
+            log(f"  {name:<12} seed {seed}: {key} {table[name][-1]:.4f}")
+    return table, curves
+
+
+def generated_mean(folder, data, n=2000, ema=REPRO_EMA):
+    """The mean of n one-step samples of a run's EMA, in data units."""
+    net, ckpt = load_field(latest_checkpoint(folder), "checkpoint", ema)
+    return to_data_units(sample_field(net, n, tuple(data.shape()), torch.device("cpu"), seed=1), ckpt["data"]).mean(0)
+
+
+def train_teacher_once(cfg, data, path):
+    import teacher as teacher_py
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        teacher_py.train_teacher(cfg, data, torch.device("cpu"), path)
+    return path
+
+
+def best_realuid(table):
+    """The grid's RealUID config with the lowest mean, among beta/alpha != 1."""
+    return min((n for n in table if "," in n and not n.endswith("1.00")), key=lambda n: np.mean(table[n]))
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def cmd_reproduce(args):
+    import dataclasses
+    import teacher as teacher_py
+    plan = REPRODUCE["quick" if args.quick else "default"]
+    seeds = list(range(args.seeds or plan["seeds"]))
+    if min(seeds, default=-1) < 0:
+        raise UsageError("--seeds must be positive")
+    out, start, md = args.out, time.time(), []
+    os.makedirs(out, exist_ok=True)
+    tick = lambda what: print(f"{what}: {time.time() - start:.0f} s so far", flush=True)  # noqa: E731
+    report = dict(mode="quick" if args.quick else "default", seeds=seeds)
+
+    # 1D Gaussians, exact: the loss surface (Fig. 3) and teacher correction (Fig. 4)
+    report["loss_surface"] = surface = loss_surface(os.path.join(out, "fig3-loss-surface.png"))
+    md.append("Figure 3 (closed form): l_t at the real mean over l_t at the generated mean\n\n" + markdown_table(
+        ["alpha", "beta", "beta/alpha", "distance", "l_t(real mean) / l_t(generated mean)"],
+        [(r["alpha"], r["beta"], f"{r['beta'] / r['alpha']:.3f}", f"{r['distance']:.4f}",
+          f"{r['real_over_generated']:.2e}") for r in surface]))
+    deviations = [float(d) for d in plan["deviations"]]
+    report["correction_1d"] = rows = teacher_correction_1d(os.path.join(out, "fig4-teacher-correction-1d.png"),
+                                                           deviations)
+    md.append("Teacher correction, 1D closed form: the optimal generator mean's error |mu - mu*| (real mean -2)\n\n"
+              + markdown_table(["alpha, beta"] + [f"teacher off by {d:+.2f}" for d in deviations],
+                               [(f"{a}, {b}", *(f"{abs(r['mu'] + 2):.3f}" for r in rows
+                                                if (r["alpha"], r["beta"]) == (a, b))) for a, b in CORRECTION_PAIRS]))
+    tick("1D closed forms")
+
+    # 2D: Table 1's grid and Figure 2's convergence, W2 of an EMA to held-out points
+    data = load_data(make_config(Config, dict(dataset="8gaussians")))
+    lowdim = dict(teacher_py.TEACHER_RECIPES["lowdim"], steps=plan["teacher_steps"])
+    teacher = train_teacher_once(make_config(teacher_py.TeacherConfig, dict(dataset="8gaussians"), lowdim), data,
+                                 os.path.join(out, "2d", "teacher.pt"))
+    lowdim_flags = ["--steps", str(plan["steps"]), "--batch-size", str(plan["batch"]), "--eval-samples",
+                    str(plan["eval_samples"]), "--ema", "0.95", "0.99"]
+    common = ["--teacher", teacher, "--fid-every", str(plan["every"]), *lowdim_flags]
+    configs = grid_configs(plan["alphas"], plan["ratios"])
+    print(f"2D data, W2 of the EMA {REPRO_EMA} to {plan['eval_samples']} held-out points:")
+    table, curves = run_grid(os.path.join(out, "2d"), configs + [("UID + GAN", 1.0, 1.0)], seeds, common,
+                             f"w2/{REPRO_EMA}", print)
+    report["grid_2d"] = table
+    tick("2D grid")
+    best = best_realuid(table)
+    plot_convergence({n: curves[n] for n in ("UID", best, "UID + GAN")}, f"W2 (EMA {REPRO_EMA})",
+                     os.path.join(out, "fig2-convergence-2d.png"), "2D data: W2 against updates")
+
+    # digits 8x8: a small teacher, the alpha = 0.94 row, UID + GAN; FID on the teacher's own features
+    digits = load_data(make_config(Config, dict(dataset="digits", resolution=8)))
+    dteacher = train_teacher_once(make_config(
+        teacher_py.TeacherConfig, dict(dataset="digits", resolution=8, steps=plan["digits_teacher_steps"],
+                                       sample_steps=0), teacher_py.TEACHER_RECIPES["digits"]),
+        digits, os.path.join(out, "digits", "teacher.pt"))
+    common = ["--dataset", "digits", "--resolution", "8", "--teacher", dteacher, "--fid-features", dteacher,
+              "--steps", str(plan["digits_steps"]), "--batch-size", str(plan["digits_batch"]),
+              "--fid-every", str(plan["digits_every"]), "--fid-samples",
+              str(plan["digits_fid_samples"]), "--ema", "0.95", "0.99", "--sample-every", "1000000"]
+    dseeds = seeds[:plan["digits_seeds"]] if not args.seeds else seeds
+    print(f"digits 8x8, offline FID of the EMA {REPRO_EMA} (the teacher's features):")
+    dtable, dcurves = run_grid(os.path.join(out, "digits"), grid_configs(plan["digits_alphas"], plan["ratios"])
+                               + [("UID + GAN", 1.0, 1.0)], dseeds, common, f"fid/{REPRO_EMA}", print)
+    report["grid_digits"] = dtable
+    tick("digits grid")
+    dbest = best_realuid(dtable)
+    plot_convergence({n: dcurves[n] for n in ("UID", dbest, "UID + GAN")},
+                     f"FID (teacher features, EMA {REPRO_EMA})", os.path.join(out, "fig2-convergence-digits.png"),
+                     "digits 8x8: FID against updates")
+    names = list(dict.fromkeys([*table, *dtable]))
+    md.append(f"Table 1 at laptop scale, mean +- std over seeds {seeds} on 2D and {dseeds} on digits. 2D: W2 "
+              f"of the EMA {REPRO_EMA} to {plan['eval_samples']} held-out points after {plan['steps']} updates; "
+              f"digits 8x8: FID of the EMA {REPRO_EMA} ({plan['digits_fid_samples']} samples, the teacher's features) "
+              f"after "
+              f"{plan['digits_steps']} updates\n\n"
+              + markdown_table(["config (alpha, beta/alpha)", "2D: W2", "digits: FID"], [
+                  (n, *("-" if n not in t else "{:.4f} +- {:.4f}".format(*mean_spread(t[n]))
+                        for t in (table, dtable))) for n in names]))
+
+    # teacher correction, trained: a 2D teacher fitted to data shifted along x
+    shift = torch.zeros(data.x.shape[1])
+    shift[0] = plan["shift"]
+    wrong = train_teacher_once(make_config(teacher_py.TeacherConfig, dict(dataset="8gaussians"), lowdim),
+                               dataclasses.replace(data, x=data.x + shift), os.path.join(out, "shifted", "teacher.pt"))
+    wrong_net, _ = load_field(wrong, "teacher")
+    teacher_mean = to_data_units(sample_field(wrong_net, 2000, tuple(data.shape()), torch.device("cpu"), steps=100,
+                                              seed=1), data.info("8gaussians")).mean(0)[0]
+    common = ["--teacher", wrong, "--fid-every", "0", *lowdim_flags]
+    corr = {}
+    print(f"shifted teacher (its samples' mean x {teacher_mean:.3f}; the real data's 0):")
+    for alpha, beta in PAIRS_1D:
+        for seed in seeds:
+            folder = os.path.join(out, "shifted", f"{alpha}-{beta}", f"seed{seed}")
+            _, results = distill_run([*common, "--alpha", str(alpha), "--beta", str(beta), "--seed", str(seed)],
+                                     folder)
+            mean_x = float(generated_mean(folder, data)[0])
+            w2 = results[f"RealUID EMA {REPRO_EMA}, 1 step"]["w2"]
+            corr.setdefault(f"{alpha}, {beta}", []).append((mean_x, w2))
+            print(f"  alpha {alpha}, beta {beta}, seed {seed}: mean x {mean_x:.3f}")
+    report["correction_2d"] = dict(teacher_mean_x=float(teacher_mean), runs=corr)
+    md.append(f"Teacher correction, trained on 2D: a teacher fitted to data shifted by {plan['shift']} standard "
+              f"deviations along x (its 100-step samples' mean x {teacher_mean:.3f}, the real data's 0)\n\n"
+              + markdown_table(["alpha, beta", f"generator mean x (EMA {REPRO_EMA})", "W2 to the real data"], [
+                  (k, "{:.3f} +- {:.3f}".format(*mean_spread([m for m, _ in v])),
+                   "{:.4f} +- {:.4f}".format(*mean_spread([w for _, w in v]))) for k, v in corr.items()]))
+    tick("teacher correction")
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n\n".join(md) + "\n")
+    print("\n" + "\n\n".join(md))
+    print(f"\nplots, tables and every run in {out} (summary.md, report.json); {time.time() - start:.0f} s in all")
+    return report
+
+
 def load_net(args):
     """(path, network, checkpoint, steps, matching model): a generator takes one step (steps None), a teacher
     --steps of its sampler, default 100."""
@@ -756,7 +1066,7 @@ def cmd_bench(args):
                        log=lambda *a: None)
         first, optimised = steps[0][1], steps[len(HABITS)][1]
         for i, (change, ms) in enumerate(steps):
-            before = steps[i - 1][1] if 0 < i <= len(HABITS) else optimised
+            before = steps[max(i - 1, 0)][1] if i <= len(HABITS) else optimised
             print(f"  {change:<40} {ms:9.1f} ms  {before / ms:5.2f}x this change  {first / ms:5.2f}x in all")
     flops = iteration_flops(bench_state(spec, device, K=args.K, batch_size=batch), bench_input(spec, batch, device))
     peaks = {"fp32": peak_matmul(device, torch.float32)}
@@ -907,9 +1217,15 @@ def main(argv=None):
     b.add_argument("--budget", type=float, default=30.0, help="seconds per row after which no new call starts")
     b.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     b.add_argument("--out", default="", help="also write the rows to this .json")
+    r = sub.add_parser("reproduce", help="the paper's claims at laptop scale: 1D closed forms, Table 1's grid, "
+                                         "Figure 2's convergence, teacher correction (about 30 minutes; --quick)")
+    r.add_argument("--quick", action="store_true", help="one seed, short runs: a few minutes")
+    r.add_argument("--seeds", type=int, default=0, help="seeds per config (default 3 on 2D, 2 on digits; quick 1)")
+    r.add_argument("--out", default="runs/reproduce", help="where every run, plot and table goes")
     args = p.parse_args(argv)
     try:
-        {"sample": cmd_sample, "fid": cmd_fid, "efficiency": cmd_efficiency, "bench": cmd_bench}[args.command](args)
+        {"sample": cmd_sample, "fid": cmd_fid, "efficiency": cmd_efficiency, "bench": cmd_bench,
+         "reproduce": cmd_reproduce}[args.command](args)
     except UsageError as e:
         return fail("eval.py", e)
     return 0

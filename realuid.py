@@ -21,9 +21,10 @@ Symbols and code:
     u_psi         the fake field ("fake")      G_theta OneStepGenerator (FM: z + g(0, z))
     alpha, beta   RealUM coefficients (eq. 16) K       fake updates per generator update
 
-Measured on a 2-core AMD EPYC CPU, no GPU (README has the details): the default
-run takes 2 min 3 s; W2 to held-out data of the teacher at 1 step 3.79 (no sample
-on a mode), at 100 steps 0.52, of the one-step generator (EMAs) 0.49, all 8 modes.
+Measured on a 2-core CPU, no GPU (README has the details): the default run takes
+about 1 min 50 s; W2 to held-out data of the teacher at 1 step 3.79 (no sample on
+a mode), at 100 steps 0.52, of the one-step generator 0.53 to 0.59 (0.41 at its
+best), all 8 modes. Multi-GPU: torchrun --nproc_per_node=N realuid.py ...
 Digits 16x16: teacher 9 min, distillation 9.5 min, clean one-step digits.
 
 Sections: config | networks | matching models | losses | generator and loop |

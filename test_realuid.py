@@ -89,15 +89,7 @@ def test_unet_small_configs_agree_with_torchcfm(image_size, channel_mult, num_re
 # Flow matching: path, target, sampler (torchcfm convention)
 # =============================================================================
 
-def fm_field_1d(t, x, mu, s):
-    """Closed-form marginal field of CFM from N(0,1) noise at t=0 to N(mu, s^2) data at t=1."""
-    var = (1 - t) ** 2 + t ** 2 * s ** 2
-    return mu + (t * s ** 2 - (1 - t)) / var * (x - t * mu)
-
-
-def fm_density_1d(t, x, mu, s):
-    var = (1 - t) ** 2 + t ** 2 * s ** 2
-    return torch.exp(-(x - t * mu) ** 2 / (2 * var)) / (2 * math.pi * var) ** 0.5
+fm_field_1d, fm_density_1d = eval_py.fm_field_1d, eval_py.fm_density_1d  # the closed forms, N(0,1) -> N(mu, s^2)
 
 
 def test_flow_matching_convention_t0_noise_t1_data():
@@ -241,10 +233,7 @@ def distance_1d(mu_th, s_th, alpha, beta, t_grid=None):
     t = (torch.arange(400, dtype=torch.float64) + 0.5) / 400 if t_grid is None else t_grid
     x = torch.linspace(-12, 12, 6001, dtype=torch.float64)
     t, x = t[:, None], x[None, :]
-    p_star, p_th = fm_density_1d(t, x, MU_REAL, S_REAL), fm_density_1d(t, x, mu_th, s_th)
-    f_star, f_th = fm_field_1d(t, x, MU_REAL, S_REAL), fm_field_1d(t, x, mu_th, s_th)
-    l = ((beta - alpha) * p_star * f_star + alpha * p_th * f_star - beta * p_th * f_th) ** 2 \
-        / ((1 - alpha) * p_star + alpha * p_th)
+    l = eval_py.distance_density_1d(t, x, MU_REAL, mu_th, alpha, beta, s_star=S_REAL, s_th=s_th)
     return (torch.trapezoid(l, x, dim=1)).mean().item()
 
 
@@ -1481,7 +1470,7 @@ def test_bridge_weight_bounds_each_times_share_of_the_loss():
 # Speed and scale-out: the optimised loop is Algorithm 1, and N ranks are one process
 # =============================================================================
 
-TINY_UNET = dict(type="unet", in_channels=3, image_size=8, channels=32, channel_mult=[1, 2], num_res_blocks=1,
+SMALL_UNET = dict(type="unet", in_channels=3, image_size=8, channels=32, channel_mult=[1, 2], num_res_blocks=1,
                  attention_resolutions=[4], num_heads=2, num_head_channels=-1, dropout=0.0)
 
 
@@ -1498,7 +1487,7 @@ def paired_states(spec, **cfg):
     return states
 
 
-@pytest.mark.parametrize("spec", [dict(type="mlp", dim=2, hidden=32, num_classes=None), TINY_UNET],
+@pytest.mark.parametrize("spec", [dict(type="mlp", dim=2, hidden=32, num_classes=None), SMALL_UNET],
                          ids=["mlp", "unet"])
 def test_the_optimised_loop_computes_the_losses_and_gradients_of_the_straightforward_algorithm_1(spec):
     plain, fast = paired_states(spec)
@@ -1545,10 +1534,10 @@ def test_bf16_autocast_runs_the_networks_in_bf16_and_the_loss_algebra_in_fp32():
     losses = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        teacher = randomise_(R.build_field(TINY_UNET), scale=0.1)
+        teacher = randomise_(R.build_field(SMALL_UNET), scale=0.1)
         cfg = R.Config(alpha=0.9, beta=0.95, lr=1e-3, warmup=0, ema=(0.9,), precision=precision)
-        state = R.RealUID(cfg, teacher, randomise_(R.build_field(TINY_UNET), 0.1, 1), copy.deepcopy(teacher),
-                          fake_spec=TINY_UNET)
+        state = R.RealUID(cfg, teacher, randomise_(R.build_field(SMALL_UNET), 0.1, 1), copy.deepcopy(teacher),
+                          fake_spec=SMALL_UNET)
         torch.manual_seed(1)
         losses[precision] = state.fake_step(torch.randn(8, 3, 8, 8))[0]
     assert losses["bf16"].dtype == torch.float32
@@ -1616,7 +1605,7 @@ def torchrun(script, *args, ranks=2):
     return out
 
 
-def test_torchrun_with_two_ranks_trains_what_one_process_trains_on_the_global_batch(tmp_path):
+def test_torchrun_with_two_ranks_trains_what_one_process_trains_and_resumes_in_one(tmp_path):
     common = ["--dataset", "8gaussians", "--batch-size", "64", "--hidden", "32", "--seed", "3"]
     for ranks in (1, 2):
         torchrun("teacher.py", *common, "--steps", "30", "--out", str(tmp_path / f"teacher{ranks}"), ranks=ranks)
@@ -1624,13 +1613,14 @@ def test_torchrun_with_two_ranks_trains_what_one_process_trains_on_the_global_ba
     for name, v in teachers[0]["net"].items():
         assert torch.allclose(v, teachers[1]["net"][name], rtol=1e-4, atol=1e-6), name
     runs = []
-    for ranks in (1, 2):
+    for ranks, steps in ((1, "18"), (2, "12")):  # the two-rank run stops at 12; one process finishes it
         out = tmp_path / f"run{ranks}"
-        log = torchrun("realuid.py", *common, "--teacher", str(tmp_path / "teacher1" / "teacher.pt"), "--steps", "18",
+        log = torchrun("realuid.py", *common, "--teacher", str(tmp_path / "teacher1" / "teacher.pt"), "--steps", steps,
                        "--K", "2", "--log-every", "6", "--fid-every", "0", "--eval-samples", "200", "--out", str(out),
                        ranks=ranks)
         assert log.stdout.count("realuid: 8gaussians") == 1  # rank 0 alone speaks
-        runs.append(R.load_checkpoint(R.latest_checkpoint(str(out))))
+    torchrun("realuid.py", "--resume", str(tmp_path / "run2"), "--steps", "18", ranks=1)
+    runs = [R.load_checkpoint(R.latest_checkpoint(str(tmp_path / f"run{r}"))) for r in (1, 2)]
     assert runs[0]["step"] == runs[1]["step"] == 18
     for part in ("generator", "fake"):
         for name, v in runs[0][part].items():
@@ -1639,3 +1629,33 @@ def test_torchrun_with_two_ranks_trains_what_one_process_trains_on_the_global_ba
         for name, v in sd.items():
             assert torch.allclose(v, runs[1]["ema"][decay][name], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(v, teachers[0]["net"][n]) for n, v in runs[1]["generator"].items())
+
+
+# =============================================================================
+# eval.py reproduce: the paper's claims at laptop scale
+# =============================================================================
+
+def test_teacher_correction_closed_form_uid_learns_the_teachers_error_and_alpha_eq_beta_worsens_it():
+    for d in (-1.0, 0.5):
+        assert abs(eval_py.optimal_mean_1d(-2.0, -2.0 + d, 1.0, 1.0) - (-2.0 + d)) < 1e-4  # UID: the teacher's mean
+        assert abs(eval_py.optimal_mean_1d(-2.0, -2.0 + d, 0.9, 0.9) + 2.0) > abs(d) + 0.02  # alpha = beta < 1: worse
+    assert abs(eval_py.optimal_mean_1d(-2.0, -2.0, 0.9, 0.95) + 2.0) < 1e-3  # a right teacher: the real mean
+
+
+def test_reproduce_quick_writes_every_table_and_plot(tmp_path):
+    report = eval_py.main(["reproduce", "--quick", "--out", str(tmp_path)])
+    assert report == 0
+    for name in ("fig3-loss-surface.png", "fig4-teacher-correction-1d.png", "fig2-convergence-2d.png",
+                 "fig2-convergence-digits.png", "summary.md", "report.json"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+    report = json.loads((tmp_path / "report.json").read_text())
+    surface = {(r["alpha"], r["beta"]): r["real_over_generated"] for r in report["loss_surface"]}
+    # Figure 3's claim, exact: only beta/alpha != 1 weighs the real data where the generator has no mass
+    assert min(surface[0.9, 0.85], surface[0.9, 0.95]) > 5 * max(surface[1.0, 1.0], surface[0.9, 0.9])
+    names = {"UID", "0.94, 0.96", "0.94, 1.00", "0.94, 1.04", "UID + GAN"}
+    for grid in ("grid_2d", "grid_digits"):
+        assert set(report[grid]) == names and all(np.isfinite(v).all() for v in report[grid].values())
+    assert all(0 < w < 5 for runs in report["grid_2d"].values() for w in runs)
+    assert set(report["correction_2d"]["runs"]) == {f"{a}, {b}" for a, b in eval_py.PAIRS_1D}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Table 1 at laptop scale" in summary and "UID + GAN" in summary
