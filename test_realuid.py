@@ -1659,3 +1659,24 @@ def test_reproduce_quick_writes_every_table_and_plot(tmp_path):
     assert set(report["correction_2d"]["runs"]) == {f"{a}, {b}" for a, b in eval_py.PAIRS_1D}
     summary = (tmp_path / "summary.md").read_text()
     assert "Table 1 at laptop scale" in summary and "UID + GAN" in summary
+
+
+def test_channels_last_keeps_the_math_and_the_cli_runs_it_in_bf16(tmp_path, capsys):
+    spec = dict(SMALL_UNET, image_size=8)
+    out = []
+    for channels_last in (False, True):
+        state = eval_py.bench_state(spec, torch.device("cpu"), channels_last=channels_last, K=1, batch_size=8)
+        randomise_(state.fake, 0.1, 1)
+        torch.manual_seed(3)
+        out.append((state.fake_step(torch.randn(8, 3, 8, 8))[0], [p.grad for p in state.fake.parameters()]))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(out[0][1], out[1][1]))
+    teacher = tmp_path / "t"
+    assert teacher_py.main(["--dataset", "digits", "--steps", "1", "--batch-size", "4", "--out", str(teacher)]
+                           + TINY_UNET) == 0
+    capsys.readouterr()
+    assert R.main(["--dataset", "digits", "--teacher", str(teacher / "teacher.pt"), "--steps", "3", "--batch-size",
+                   "4", "--channels-last", "--precision", "bf16", "--out", str(tmp_path / "d")]) == 0
+    assert ", bf16," in capsys.readouterr().out
+    ckpt = R.load_checkpoint(R.latest_checkpoint(str(tmp_path / "d")))
+    assert ckpt["step"] == 3 and ckpt["config"]["channels_last"] and ckpt["config"]["precision"] == "bf16"
