@@ -1680,3 +1680,23 @@ def test_channels_last_keeps_the_math_and_the_cli_runs_it_in_bf16(tmp_path, caps
     assert ", bf16," in capsys.readouterr().out
     ckpt = R.load_checkpoint(R.latest_checkpoint(str(tmp_path / "d")))
     assert ckpt["step"] == 3 and ckpt["config"]["channels_last"] and ckpt["config"]["precision"] == "bf16"
+
+
+def _statistics_worker(rank, world, init, result):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    features = np.random.default_rng(7).normal(size=(30, 4)) @ np.diag([1.0, 2.0, 0.5, 3.0])
+    mu, sigma = eval_py.statistics(features[rank::world], R.Ranks(rank, world))  # each rank holds a share
+    result[rank] = (mu.tolist(), sigma.tolist())
+    dist.destroy_process_group()
+
+
+def test_fid_statistics_under_torchrun_are_those_of_all_ranks_features_together(tmp_path):
+    import torch.multiprocessing as mp
+    result = mp.Manager().dict()
+    mp.spawn(_statistics_worker, args=(2, f"file://{tmp_path}/rendezvous", result), nprocs=2)
+    features = np.random.default_rng(7).normal(size=(30, 4)) @ np.diag([1.0, 2.0, 0.5, 3.0])
+    for rank in (0, 1):
+        mu, sigma = (np.array(v) for v in result[rank])
+        np.testing.assert_allclose(mu, features.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-10, atol=1e-12)
