@@ -867,8 +867,10 @@ def generated_mean(folder, data, n=2000, ema=REPRO_EMA):
 
 
 def train_teacher_once(cfg, data, path):
+    """The teacher file at path, trained unless one with this very configuration is there (--quick and the
+    default share the output folder but not their teachers)."""
     import teacher as teacher_py
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or load_checkpoint(path).get("config") != config_dict(cfg):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         teacher_py.train_teacher(cfg, data, torch.device("cpu"), path)
     return path

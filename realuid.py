@@ -774,6 +774,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")  # where collectives run (NCCL: this rank's card)
+    flat: dict = field(default_factory=dict, repr=False)  # one all-reduce buffer per gradient size, kept
 
     @property
     def main(self):
@@ -795,7 +796,10 @@ class Ranks:
         if self.world == 1 or not grads:
             return
         import torch.distributed as dist
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        n = sum(g.numel() for g in grads)
+        if n not in self.flat:  # allocated once: the fake model's and the generator's sizes
+            self.flat[n] = grads[0].new_empty(n)
+        flat = torch.cat([g.reshape(-1) for g in grads], out=self.flat[n])
         dist.all_reduce(flat)
         torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.div_(self.world).split(
             [g.numel() for g in grads]), grads)])
@@ -870,7 +874,7 @@ class RealUID:
         self.ema = {d: copy.deepcopy(g).eval().requires_grad_(False) for d in cfg.ema}
         # beta1 = 0 is crucial for the min-max (App. D); the fused kernel is Adam's arithmetic in one pass
         adam = dict(lr=cfg.lr, betas=(0.0, 0.999), fused=fused_adam(self.device))
-        self.disc = discriminator_head(fake_spec).to(next(fake.parameters()).device) if cfg.gan else None
+        self.disc = discriminator_head(fake_spec).to(self.device) if cfg.gan else None
         self.fake_params = list(self.fake.parameters()) + (list(self.disc.parameters()) if cfg.gan else [])
         self.opt_fake = torch.optim.Adam(self.fake_params, **adam)
         self.opt_gen = torch.optim.Adam(self.generator.parameters(), **adam)

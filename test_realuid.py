@@ -175,7 +175,9 @@ def test_uid_equals_fgm_equals_sid_at_half(dim, batch, cond, seed):
     assert not torch.allclose(R.realsid_generator_loss(f_star, f, u_gen, 1.2), uid)
 
 
-coefficients = st.tuples(st.floats(0.05, 1.0), st.floats(0.05, 1.0)).filter(lambda ab: ab[0] < 1 or ab[1] == 1)
+# alpha stays below 0.999: as alpha -> 1 with beta < 1 the real target (1 - b)/(1 - a) grows without bound and
+# even float64 cancels (hypothesis found alpha = 1 - 1e-16, beta = 0.5; README: Limits); alpha = 1 is (1, 1)
+coefficients = st.tuples(st.floats(0.05, 0.999), st.floats(0.05, 1.0))
 
 
 @quick
@@ -335,7 +337,8 @@ def test_lemma2_generator_objective_is_minimised_at_the_real_mean(alpha, beta):
 # =============================================================================
 
 @quick
-@given(ab=coefficients, sid=st.floats(0.5, 1.2), dim=st.integers(1, 4), batch=st.integers(1, 9), seed=st.integers(0, 10**6))
+@given(ab=st.one_of(coefficients, st.just((1.0, 1.0))), sid=st.floats(0.5, 1.2), dim=st.integers(1, 4),
+       batch=st.integers(1, 9), seed=st.integers(0, 10**6))
 def test_realsid_at_half_is_realuid_and_its_coefficient_only_scales_the_quadratic_term(ab, sid, dim, batch, seed):
     alpha, beta = ab
     teacher, fake, gen, k = three_networks(dim, False, seed)
@@ -1666,6 +1669,8 @@ def test_channels_last_keeps_the_math_and_the_cli_runs_it_in_bf16(tmp_path, caps
     out = []
     for channels_last in (False, True):
         state = eval_py.bench_state(spec, torch.device("cpu"), channels_last=channels_last, K=1, batch_size=8)
+        weight = state.fake.input_blocks[0][0].weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last  # the layout is real
         randomise_(state.fake, 0.1, 1)
         torch.manual_seed(3)
         out.append((state.fake_step(torch.randn(8, 3, 8, 8))[0], [p.grad for p in state.fake.parameters()]))
