@@ -7,13 +7,13 @@
                                                       # legacy_tensorflow, CIFAR-10 train statistics, 3 runs
     python eval.py fid runs/digits --features runs/digits/teacher.pt   # offline, not comparable to papers
     python eval.py efficiency runs/c10                # the paper's Table 5: parameters, ms/image, memory
+    python eval.py export runs/c10 --ema 0.9999 --out generator.safetensors   # weights to share, no pickle
 
 Toy-data metrics: exact W2 between equal-size point clouds (an optimal
 assignment, scipy's linear_sum_assignment), the energy distance, and mode
 coverage of a known Gaussian mixture.
 """
 
-import argparse
 import copy
 import gc
 import hashlib
@@ -26,10 +26,11 @@ import time
 import numpy as np
 import torch
 
-from realuid import (DATA_FIELDS, PRECISIONS, VERSION, Config, ImageFiles, Ranks, RealUID, UNet, UsageError,
+from realuid import (DATA_FIELDS, PRECISIONS, VERSION, Config, ImageFiles, Parser, Ranks, RealUID, UNet, UsageError,
                      build_field, config_dict, count_parameters, fail, generate, latest_checkpoint, load_checkpoint,
-                     load_data, load_field, make_config, matching_model, realuid_generator_loss, realum_loss,
-                     resolve_device, sample_field, save_checkpoint, save_grid, set_precision, to_uint8, use_bf16)
+                     load_data, load_field, make_config, matching_model, read_field_checkpoint,
+                     realuid_generator_loss, realum_loss, resolve_device, sample_field, save_checkpoint, save_grid,
+                     set_precision, to_uint8, use_bf16)
 
 
 # =============================================================================
@@ -320,9 +321,8 @@ class FID:
                            total=math.ceil(len(data) / self.batch_size), unit="batch", disable=None, leave=False)
             mu, sigma = statistics(np.concatenate([self.extract(x) for x in batches]))
             os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}.npz"
-            np.savez(tmp, mu=mu, sigma=sigma, n=len(data), ref=ref)
-            os.replace(tmp, path)
+            save_checkpoint(dict(mu=mu, sigma=sigma, n=len(data), ref=ref), path,
+                            write=lambda arrays, f: np.savez(f, **arrays))
         return mu, sigma, f"{ref} ({len(data)} images; statistics cached in {path})"
 
     def features(self, net, n, seed, steps=None, num_classes=None, matching=None):
@@ -400,10 +400,13 @@ class ModelSelection:
         for name, net in nets.items():
             row[f"{self.metric}/{name}"] = value = self.score(net)
             if value < self.best.get(name, math.inf) and self.ranks.main:
-                self.best[name] = value
-                save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(self.cfg), **self.meta,
-                                     step=step, metric=self.metric, score=value, generator=net.state_dict()),
-                                os.path.join(self.out, f"best-{name}.pt"))
+                try:
+                    save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(self.cfg), **self.meta,
+                                         step=step, metric=self.metric, score=value, generator=net.state_dict()),
+                                    os.path.join(self.out, f"best-{name}.pt"))
+                    self.best[name] = value
+                except OSError as e:  # a full disk: the previous best file stays; training goes on
+                    print(f"realuid.py: warning: could not write best-{name}.pt ({e.strerror or e})", file=sys.stderr)
         return row
 
     def summary(self):
@@ -1156,13 +1159,32 @@ def cmd_sample(args):
               + (" as (x_T, x1) rows, x_T the held-out sources" if sources is not None else ""))
 
 
+def cmd_export(args):
+    """One network's weights as .safetensors (no pickle), with all it takes to use them again as JSON metadata:
+    every command that takes a generator or a teacher reads the file (realuid.read_safetensors)."""
+    from safetensors.torch import save
+    path = latest_checkpoint(args.checkpoint)
+    _, sd, ckpt = read_field_checkpoint(path, "checkpoint", args.ema,
+                                        **(dict(image_size=args.resolution) if args.resolution else {}))
+    kind = ckpt.get("kind", "teacher")  # torchcfm's and the official files are teachers
+    decay = next((k for k, v in (ckpt.get("ema") or {}).items() if v is sd), None)  # the EMA it picked, if any
+    weights = ckpt.get("weights") or (f"ema {decay}" if decay else "generator" if kind == "generator" else "net")
+    meta = dict(version=VERSION, kind=kind, weights=weights,
+                **{k: ckpt.get(k) for k in ("field", "data", "matching", "config")})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_checkpoint({k: v.contiguous() for k, v in sd.items()}, args.out,  # atomic and durable, as every save
+                    write=lambda tensors, f: f.write(save(tensors, {k: json.dumps(v) for k, v in meta.items()})))
+    print(f"wrote the {weights} weights of {path} ({kind}, {len(sd)} tensors) to {args.out}")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sampling, FID and efficiency figures for realuid checkpoints.")
+    p = Parser(prog="eval.py", description="Sampling, FID and efficiency figures for realuid checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def checkpoint_args(s, what):
         s.add_argument("checkpoint", help=what)
-        s.add_argument("--ema", type=float, default=None, help="EMA decay to use (default: the smallest)")
+        s.add_argument("--ema", type=float, default=None, help="EMA decay to use (default: a generator "
+                                                              "checkpoint's raw generator, a teacher's smallest EMA)")
         s.add_argument("--resolution", type=int, default=0, help="image side, for torchcfm / official teacher files")
         s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
@@ -1175,6 +1197,14 @@ def main(argv=None):
     s.add_argument("--steps", type=int, default=None,
                    help="sampler steps of a teacher (default 100); a generator always takes one")
     s.add_argument("--seed", type=int, default=0)
+
+    x = sub.add_parser("export", help="one network's weights as .safetensors, for sharing: no pickle, "
+                                      "readable wherever a checkpoint is")
+    x.add_argument("checkpoint", help="a realuid.py checkpoint or output folder, or a teacher file")
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.add_argument("--ema", type=float, default=None,
+                   help="export this EMA (default: as sample picks: the generator, a teacher's smallest EMA)")
+    x.add_argument("--resolution", type=int, default=0, help="image side, for torchcfm / official teacher files")
 
     f = sub.add_parser("fid", help="FID of a generator (or a teacher): the paper's protocol by default")
     checkpoint_args(f, "a realuid.py checkpoint, output folder or best-<net>.pt, or a teacher file")
@@ -1226,8 +1256,8 @@ def main(argv=None):
     r.add_argument("--out", default="runs/reproduce", help="where every run, plot and table goes")
     args = p.parse_args(argv)
     try:
-        {"sample": cmd_sample, "fid": cmd_fid, "efficiency": cmd_efficiency, "bench": cmd_bench,
-         "reproduce": cmd_reproduce}[args.command](args)
+        {"sample": cmd_sample, "export": cmd_export, "fid": cmd_fid, "efficiency": cmd_efficiency,
+         "bench": cmd_bench, "reproduce": cmd_reproduce}[args.command](args)
     except UsageError as e:
         return fail("eval.py", e)
     return 0

@@ -34,9 +34,12 @@ sampling | data | checkpoints | main.
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
+import pickle
+import re
 import signal
 import sys
 import time
@@ -103,7 +106,7 @@ class Config:
     fake_init: str = opt("random", "initialise the fake model randomly or from the teacher",
                          choices=("random", "teacher"))
     init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
-    init_ema: float = opt(None, "EMA decay to take from --init-generator (default: the smallest)", type=float)
+    init_ema: float = opt(None, "EMA decay to take from --init-generator (default: its raw generator)", type=float)
     resume: str = opt("", "continue a run exactly: a checkpoint file or an output folder")
     out: str = opt("", "output folder (default runs/<dataset>)")
     data_root: str = opt("data", "where cifar10 is found or downloaded")
@@ -129,6 +132,9 @@ class Config:
     fid_ref: str = opt("", "FID reference: cifar10 (clean-fid's train statistics), a .npz of mu and sigma, "
                            "or images as --dataset takes them (default: cifar10's statistics for cifar10, "
                            "else the training data)")
+    skip_nonfinite: int = opt(0, "skip up to N updates whose loss or gradient is NaN or infinite; past N (and by "
+                                 "default at the first) the run stops, keeping the last good checkpoint")
+    deterministic: bool = opt(False, "CUDA: deterministic algorithms only (slower; CPU runs are deterministic anyway)")
     fid_features: str = opt("inception", "FID features: clean-fid's Inception, or an offline network file "
                                          "(a teacher.pt; not comparable to published FIDs)")
 
@@ -144,7 +150,8 @@ RECIPES = dict(
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
 DATA_FIELDS = ("dataset", "cond", "seed", "eval_samples", "resolution", "data_root")
 RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", "workers", "log_every", "save_every",
-             "keep", "sample_every", "tensorboard", "fid_every", "fid_samples", "resume")
+             "keep", "sample_every", "tensorboard", "fid_every", "fid_samples", "skip_nonfinite", "deterministic",
+             "resume")
 
 
 def check_coefficients(alpha, beta, gamma=None):
@@ -188,6 +195,30 @@ def check_config(cfg):
         raise UsageError("--lr and --grad-clip must be positive, --warmup and --fid-every non-negative")
     if not cfg.ema or not all(0 < d < 1 for d in cfg.ema):
         raise UsageError(f"every --ema decay must lie in (0, 1) (got {list(cfg.ema)})")
+    if cfg.skip_nonfinite < 0:
+        raise UsageError(f"--skip-nonfinite must be >= 0 (got {cfg.skip_nonfinite})")
+    check_finite(cfg)
+
+
+def check_finite(cfg):
+    """nan and inf pass every range test written as a comparison; refuse them once, for every number."""
+    for f in dataclasses.fields(cfg):
+        values = getattr(cfg, f.name)
+        for v in values if isinstance(values, tuple) else (values,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
+    if not 0 <= cfg.seed < 2 ** 31:
+        raise UsageError(f"--seed must lie in [0, 2^31) (got {cfg.seed})")
+    for name, (lo, hi) in SIZE_LIMITS.items():  # beyond these a typo allocates the machine away
+        if name in {f.name for f in dataclasses.fields(cfg)} and not lo <= getattr(cfg, name) <= hi:
+            raise UsageError(f"--{name.replace('_', '-')} must lie in [{lo}, {hi}] (got {getattr(cfg, name)})")
+    if getattr(cfg, "channels", 32) % 32:
+        raise UsageError(f"--channels must be a multiple of 32, the UNet's GroupNorm groups (got {cfg.channels})")
+
+
+SIZE_LIMITS = dict(hidden=(1, 65536), channels=(32, 4096), num_res_blocks=(1, 32), workers=(0, 256),
+                   resolution=(0, 4096), eval_samples=(1, 10 ** 7), fid_samples=(1, 10 ** 7),
+                   teacher_steps=(1, 10 ** 9))
 
 
 def use_bf16(precision, device, spec=None):
@@ -202,10 +233,14 @@ def use_bf16(precision, device, spec=None):
     return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
-def set_precision(precision, device):
-    """TF32 matrix products on CUDA unless fp32 is asked for exactly."""
+def set_precision(precision, device, deterministic=False):
+    """TF32 matrix products on CUDA unless fp32 is asked for exactly; deterministic kernels where asked."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for it
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
 
 
 def resolve_device(name):
@@ -761,6 +796,51 @@ def fused_adam(device):
     return device.type in ("cpu", "cuda")
 
 
+class Diverged(Exception):
+    """A loss or gradient went non-finite more often than --skip-nonfinite allows."""
+
+
+class NonFinite:
+    """Updates whose loss or gradient is not finite are skipped and counted on the device, with no host sync:
+    the fused Adam kernel leaves the weights, moments and step count alone where found_inf is set (as under
+    GradScaler). The counts are read where the loop syncs anyway (log lines, checkpoints)."""
+
+    def __init__(self, names, device):
+        self.names = names
+        self.count = torch.zeros(len(names), device=device)
+        self.first = torch.full((len(names), 3), math.nan, device=device)  # update, loss, gradient norm
+        self.seen = 0
+
+    def step(self, i, optimiser, params, loss, grad_clip, update):
+        """Clip and step network i's optimiser unless loss or gradient is non-finite; returns the gradient norm."""
+        grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if optimiser.param_groups[0].get("fused"):
+            optimiser.found_inf = bad.float()
+            optimiser.step()
+        elif not bad:  # other devices' Adam has no found_inf: this one syncs
+            optimiser.step()
+        self.count[i] += bad
+        new = bad & self.first[i, 0].isnan()
+        found = torch.stack([loss.new_full((), update, dtype=torch.float32), loss.detach().float(), grad_norm.float()])
+        self.first[i] = torch.where(new, found, self.first[i])
+        return grad_norm
+
+    def check(self, allowed, update):
+        """Raise Diverged past `allowed` skipped updates; returns a warning line when the count grew, else None."""
+        counts = [int(c) for c in self.count.tolist()]
+        if sum(counts) <= self.seen:
+            return None
+        self.seen = sum(counts)
+        first, name = min((row, name) for row, name, c in zip(self.first.tolist(), self.names, counts) if c)
+        what = f"update {int(first[0])}: the {name}'s loss is {first[1]:.4g} and its gradient norm {first[2]:.4g}"
+        if self.seen > allowed:
+            tally = ", ".join(f"{c} non-finite update(s) of the {n}" for n, c in zip(self.names, counts) if c)
+            raise Diverged(f"{what}; stopped at update {update} ({tally}). Try a lower --lr, beta/alpha closer to "
+                           f"1, a larger --K, or --skip-nonfinite N to skip up to N such updates")
+        return f"skipped {self.seen} non-finite update(s) of --skip-nonfinite {allowed} (the first: {what})"
+
+
 def warmup_schedule(warmup):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
@@ -880,6 +960,8 @@ class RealUID:
         self.opt_gen = torch.optim.Adam(self.generator.parameters(), **adam)
         self.sched_fake = torch.optim.lr_scheduler.LambdaLR(self.opt_fake, warmup_schedule(cfg.warmup))
         self.sched_gen = torch.optim.lr_scheduler.LambdaLR(self.opt_gen, warmup_schedule(cfg.warmup))
+        self.nonfinite = NonFinite(["fake model" + (" or discriminator" if cfg.gan else ""), "generator"],
+                                   self.device)
         self.step = 0
 
     def _noise_and_time(self, x1, y):
@@ -935,8 +1017,7 @@ class RealUID:
         self.opt_fake.zero_grad(set_to_none=True)
         loss.backward()
         self.ranks.average(self.fake_params)
-        grad_norm = nn.utils.clip_grad_norm_(self.fake_params, cfg.grad_clip)
-        self.opt_fake.step()
+        grad_norm = self.nonfinite.step(0, self.opt_fake, self.fake_params, loss, cfg.grad_clip, self.step + 1)
         self.sched_fake.step()
         self.step += 1
         return loss.detach(), grad_norm
@@ -976,8 +1057,8 @@ class RealUID:
             for net in frozen:
                 net.requires_grad_(True)
         self.ranks.average(self.generator.parameters())
-        grad_norm = nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
-        self.opt_gen.step()
+        grad_norm = self.nonfinite.step(1, self.opt_gen, list(self.generator.parameters()), loss, cfg.grad_clip,
+                                        self.step + 1)
         self.sched_gen.step()
         self.update_emas()
         self.step += 1
@@ -1018,13 +1099,18 @@ class RealUID:
             torch.cuda.set_rng_state(cuda, self.device)
 
 
+SAVE_RETRIES, SAVE_WAIT = 10, 30  # the closing checkpoint waits this long for disk space before giving up
+
+
 def distill(state, batches, out=None, meta=None, sample_fn=None, score_fn=None):
     """The loop: K fake updates, then one generator update, until cfg.steps updates in all.
 
     meta (data info and field spec) goes into every checkpoint; sample_fn(state, step) writes grids;
     score_fn(state, step) -> {name: score} runs every cfg.fid_every updates (model selection, eval.py).
-    Ctrl-C or SIGTERM stops at the next update boundary with a checkpoint (under torchrun: the next log line,
-    where the ranks agree to stop); returns False then. Rank 0 alone logs, samples and saves.
+    Returns None when done. SIGINT or SIGTERM stops at the next update boundary with a checkpoint (under torchrun:
+    the next log line, where the ranks agree to stop); the signal's number is returned then. A failed save
+    (a full disk) warns and training goes on; the next save tries again. Non-finite updates raise Diverged
+    (past cfg.skip_nonfinite) before anything is saved. Rank 0 alone logs, samples and saves.
     """
     from tqdm import tqdm
     cfg, ranks = state.cfg, state.ranks
@@ -1034,21 +1120,50 @@ def distill(state, batches, out=None, meta=None, sample_fn=None, score_fn=None):
     bar = tqdm(total=cfg.steps, initial=state.step, desc="RealUID", dynamic_ncols=True,
                disable=None if ranks.main else True, mininterval=1.0)
 
-    def save():
-        save_rotating(dict(version=VERSION, kind="generator", config=config_dict(cfg), **(meta or {}),
-                           **state.state_dict()), out, state.step, cfg.keep)
+    def warn(message):
+        bar.write(f"realuid.py: warning: {message}", file=sys.stderr)
+
+    def save(final):
+        """Rank 0 writes the checkpoint; the ranks then compare weights. A full disk never costs the run."""
+        if ranks.main:
+            obj = dict(version=VERSION, kind="generator", config=config_dict(cfg), **(meta or {}),
+                       **state.state_dict())
+            for attempt in range(SAVE_RETRIES + 1 if final else 1):
+                try:
+                    save_rotating(obj, out, state.step, cfg.keep)
+                    break
+                except OSError as e:
+                    found = checkpoints_in(out)
+                    why = (f"could not write the checkpoint of update {state.step} to {out} ({e.strerror or e}); "
+                           f"the last complete one is {found[-1] if found else 'none'}")
+                    if not final:
+                        warn(f"{why}; training goes on and the next save tries again")
+                    elif attempt < SAVE_RETRIES:
+                        warn(f"{why}; free some space: retrying in {SAVE_WAIT} s ({attempt + 1}/{SAVE_RETRIES})")
+                        time.sleep(SAVE_WAIT)
+                    else:
+                        raise OSError(f"{why}; the updates after it are lost") from None
+        ranks.check_replicas([state.generator, state.fake, *state.ema.values()])
 
     def record(row):
-        if log:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-        if writer:
-            for k, v in row.items():
-                writer.add_scalar(k, v, row["step"])
-    handlers = catch_signals(lambda *_: stop.append(True)) if out else {}
+        try:
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if writer:
+                for k, v in row.items():
+                    writer.add_scalar(k, v, row["step"])
+        except OSError as e:
+            warn(f"could not write the metrics log ({e.strerror or e}); training goes on")
+    handlers = catch_signals(lambda signum, _: stop.append(signum)) if out else {}
     try:
         while state.step < cfg.steps and not halt:
-            x_real, y = next(batches)
+            try:
+                x_real, y = next(batches)
+            except UsageError:  # an unreadable file, hours in: keep the updates made so far
+                if out and state.step:
+                    save(final=True)
+                raise
             if state.step % (cfg.K + 1) < cfg.K:
                 last["fake_loss"], last["fake_grad"] = state.fake_step(x_real, y)
             else:
@@ -1056,22 +1171,29 @@ def distill(state, batches, out=None, meta=None, sample_fn=None, score_fn=None):
             bar.update(1)
             step = state.step
             boundary = step % cfg.log_every == 0 or step == cfg.steps
+            halt = ranks.any(stop) if boundary or ranks.world == 1 else False
+            saving = out and (step % cfg.save_every == 0 or step == cfg.steps or halt)
+            if boundary or saving:
+                skipped = state.nonfinite.check(cfg.skip_nonfinite, step)  # raises past the allowance
+                if skipped and ranks.main:
+                    warn(skipped)
             if boundary:
                 row = {k: round(float(v), 6) for k, v in last.items()}  # the only host sync
                 bar.set_postfix(fake=row.get("fake_loss"), gen=row.get("gen_loss"), refresh=False)
-                record(dict(row, step=step, lr=state.sched_gen.get_last_lr()[0], time=round(time.time() - start, 2)))
-            halt = ranks.any(stop) if boundary or ranks.world == 1 else False
+                record(dict(row, step=step, lr=state.sched_gen.get_last_lr()[0], time=round(time.time() - start, 2),
+                            **({"skipped_nonfinite": state.nonfinite.seen} if state.nonfinite.seen else {})))
             if sample_fn and ranks.main and (step % cfg.sample_every == 0 or step == cfg.steps):
-                sample_fn(state, step)
+                try:
+                    sample_fn(state, step)
+                except OSError as e:
+                    warn(f"could not write the sample grids ({e.strerror or e}); training goes on")
             if score_fn and cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps):
                 scores = score_fn(state, step)  # every rank: FID generation is split across them
                 if ranks.main:
                     bar.write(f"update {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
                     record(dict(step=step, **scores))
-            if out and (step % cfg.save_every == 0 or step == cfg.steps or halt):
-                if ranks.main:
-                    save()
-                ranks.check_replicas([state.generator, state.fake, *state.ema.values()])
+            if saving:
+                save(final=halt or step == cfg.steps)
     finally:
         bar.close()
         for sig, handler in handlers.items():
@@ -1080,7 +1202,7 @@ def distill(state, batches, out=None, meta=None, sample_fn=None, score_fn=None):
             log.close()
         if writer:
             writer.close()
-    return not halt
+    return (stop[0] if stop else signal.SIGTERM) if halt else None  # a rank told by another
 
 
 def catch_signals(handler):
@@ -1299,8 +1421,30 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-        with Image.open(self.files[i]) as im:
-            return self.transform(im.convert("RGB")), 0
+        try:
+            with Image.open(self.files[i]) as im:
+                return self.transform(im.convert("RGB")), 0
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated and foreign files
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"the image {self.files[i]} cannot be read ({why}); replace or remove it") from None
+
+
+def quiet_worker(release, _):
+    """Data-loader processes leave SIGINT and SIGTERM to the main process, which stops at an update boundary
+    (a terminal's Ctrl-C and a scheduler's SIGTERM reach every process of the job). Once the main process
+    exits (release is set), SIGTERM ends them again: that is how multiprocessing stops them then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0) if release.is_set() else None)
+
+
+def worker_release():
+    """The per-process event that quiet_worker waits for: set at exit."""
+    if not hasattr(worker_release, "event"):
+        import atexit
+        import multiprocessing
+        worker_release.event = multiprocessing.Event()
+        atexit.register(worker_release.event.set)  # runs before multiprocessing's own exit hook (LIFO)
+    return worker_release.event
 
 
 def list_images(folder):
@@ -1344,7 +1488,7 @@ def load_data(cfg):
         raise UsageError(f"unknown dataset {name!r}: use 8gaussians, pairs, digits, cifar10, a folder of images, "
                          f"or a .npy file (N x D floats or N x H x W x C uint8)")
     if data.kind == "image" and min(data.shape()[1:]) % 8:
-        raise UsageError(f"image side {data.shape()[1:]} must be a multiple of 8 for the UNet")
+        raise UsageError(f"{name} holds images of side {data.shape()[1:]}; the UNet needs a multiple of 8")
     if cfg.cond and data.num_classes is None:
         raise UsageError(f"--cond needs class labels, and {name} has none")
     if not cfg.cond and not data.coupled:
@@ -1375,6 +1519,22 @@ class BatchIndices(torch.utils.data.Sampler):
             k += 1
 
 
+def worker_errors(loader):
+    """A data-loader process's UsageError comes back wrapped in its traceback's text; keep its one line."""
+    it = iter(loader)
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UsageError as e:
+                raise UsageError(str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
+            yield batch
+    finally:
+        del it  # the loader processes stop now, not when a traceback that holds this frame is let go
+
+
 def batches(data, batch_size, device, seed=0, start=0, workers=2, ranks=None):
     """Endless batches in network coordinates (images in [-1, 1], randomly flipped where asked); under
     torchrun this rank's share of each global batch of batch_size."""
@@ -1383,8 +1543,11 @@ def batches(data, batch_size, device, seed=0, start=0, workers=2, ranks=None):
     if data.files is not None:
         loader = torch.utils.data.DataLoader(ImageFiles(data.files, data.resolution), batch_sampler=indices,
                                              num_workers=workers, pin_memory=device.type == "cuda",
-                                             persistent_workers=workers > 0)
-        source = ((x.to(device, non_blocking=True), None) for x, _ in loader)
+                                             persistent_workers=workers > 0,
+                                             worker_init_fn=functools.partial(quiet_worker, worker_release()),
+                                             generator=torch.Generator().manual_seed(seed))  # not the global RNG:
+        # the loader draws its workers' seed when it starts, which a resumed run does at another update
+        source = ((x.to(device, non_blocking=True), None) for x, _ in worker_errors(loader))
     else:
         x = data.x.to(device)
         y = None if data.y is None else data.y.to(device)
@@ -1445,11 +1608,34 @@ def config_dict(cfg):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def save_checkpoint(obj, path):
-    """Atomic: write beside, then rename, so a crash never leaves a half-written file."""
+def save_checkpoint(obj, path, write=None):
+    """Atomic and durable: written beside, flushed to the disk, then renamed over the target, so a crash, a kill
+    or a full disk at any moment leaves the previous file whole (and no partial file behind, except after a
+    SIGKILL: stale_temporaries clears those)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            (write or torch.save)(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself reaches the disk too (POSIX)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def stale_temporaries(folder):
+    """Remove the partial files of saves that a SIGKILL or a power cut interrupted."""
+    for name in os.listdir(folder):
+        if ".pt.tmp-" in name:
+            os.remove(os.path.join(folder, name))
 
 
 def checkpoints_in(folder):
@@ -1478,11 +1664,53 @@ def load_checkpoint(path, what="checkpoint"):
     """Checkpoints are plain containers of tensors: loaded with weights_only=True, never unpickled."""
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path} does not exist")
+    if is_safetensors(path):
+        raise UsageError(f"{what} {path} is a safetensors file of one network's weights, not a training checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"[Uu]nsupported (?:GLOBAL|global):? *(?:GLOBAL )?([\w.]+)", str(e))
+        if found:  # a class or function to call: what a malicious file needs
+            raise UsageError(f"{what} {path} holds pickled Python objects that could run code ({found.group(1)}); "
+                             f"refused: checkpoints are read as tensors, numbers and strings only "
+                             f"(weights_only=True)") from None
+        raise UsageError(f"{what} {path} could not be read as a weights-only PyTorch file (not a checkpoint, or "
+                         f"cut short)") from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{what} {path} could not be read as a weights-only PyTorch file ({first})") from None
+
+
+def is_safetensors(path):
+    """A safetensors file opens with its header's length (8 bytes, little-endian), then the header's '{'."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return head[8:] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+SAFETENSORS_METADATA = ("version", "kind", "weights", "field", "data", "matching", "config")  # JSON strings
+
+
+def read_safetensors(path, what="teacher", ema=None):
+    """The checkpoint dict of an `eval.py export` file: its one network's weights under "net" (a teacher) or
+    "generator", the rest from its metadata. No pickle. `ema` must name the exported EMA: there is no other."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        ckpt = {k: json.loads(meta[k]) for k in SAFETENSORS_METADATA if k in meta}
+    except Exception as e:
+        raise UsageError(f"{what} {path} could not be read as a safetensors file of realuid's ({e})") from None
+    missing = [k for k in SAFETENSORS_METADATA if k not in ckpt]
+    if missing:
+        raise UsageError(f"{what} {path} is a safetensors file without realuid's metadata (no "
+                         f"{', '.join(missing)}): write it with eval.py export")
+    name = ckpt["weights"]  # "generator", "net" or "ema <decay>"
+    if ema is not None and not (name.startswith("ema ") and float(name[4:]) == float(ema)):
+        raise UsageError(f"{what} {path} holds only the {name} weights, not EMA {ema}")
+    return {**ckpt, ("generator" if ckpt["kind"] == "generator" else "net"): sd}
 
 
 def strip_prefixes(sd):
@@ -1525,9 +1753,10 @@ def read_field_checkpoint(path, what="teacher", ema=None, image_size=None, num_h
     """(network spec, weights, checkpoint) from this project's files, torchcfm's or the official RealUID's.
 
     Ours: 'field' (spec) with 'net' / 'generator' and 'ema'. torchcfm: 'net_model' and 'ema_model'.
-    Official RealUID: 'net_model' and 'ema_models' keyed by the decay as a string.
+    Official RealUID: 'net_model' and 'ema_models' keyed by the decay as a string. eval.py export's
+    .safetensors: one network, read as ours.
     """
-    ckpt = load_checkpoint(path, what)
+    ckpt = read_safetensors(path, what, ema) if is_safetensors(path) else load_checkpoint(path, what)
     if not isinstance(ckpt, dict):
         raise UsageError(f"{what} {path} is not a checkpoint dictionary")
     if "field" in ckpt:
@@ -1570,8 +1799,15 @@ def check_teacher_matches(ckpt, data, path):
 # Main: the CLI, generated from Config; parsing happens only here
 # =============================================================================
 
-def parser_from_dataclass(cls, description):
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistyped flag answered in one line rather than the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def parser_from_dataclass(cls, description, prog):
+    p = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
         helptext = f"{meta.pop('help', '')} (default: {f.default})"
@@ -1596,9 +1832,45 @@ def make_config(cls, user, *recipes):
     return cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
-def fail(prog, e):
+def fail(prog, e, code=2):
+    """One line on stderr; exit code 2 for bad input, 1 for a run that failed."""
     print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
+    return code
+
+
+def new_folder(path):
+    """makedirs; True if the folder did not exist before (so a refused run can take it away again)."""
+    created = not os.path.exists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the output folder {path} ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"the output folder {path} is not writable")
+    return created
+
+
+def undo_folder(out, created):
+    """A run refused before it saved anything takes away the folder it created (logs, an empty samples/), and
+    keeps any folder with work in it (checkpoints, a teacher trained on the spot)."""
+    if created and os.path.isdir(out) and not any(f.endswith((".pt", ".safetensors")) for f in os.listdir(out)):
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def rewind_metrics(out, step):
+    """A resumed run's log goes on from its checkpoint: drop the lines a killed run wrote after it."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # the half line of a write cut short
+    save_checkpoint(keep, path, write=lambda lines, f: f.write("".join(lines).encode()))
 
 
 def prepare_teacher(cfg, data, out, device, ranks=None):
@@ -1652,8 +1924,9 @@ def no_dropout(spec):
 
 def main(argv=None):
     p = parser_from_dataclass(Config, "RealUID distillation of a flow-matching teacher into a one-step "
-                                      "generator (Kornilov et al., ICLR 2026).")
+                                      "generator (Kornilov et al., ICLR 2026).", "realuid.py")
     user = vars(p.parse_args(argv))
+    out, created = None, False
     try:
         for flag, parent in (("parameterization", "gamma"), ("lambda_gen", "gan"), ("lambda_disc", "gan"),
                              ("gan_t_range", "gan"), ("dmd_t_max", "dmd"), ("init_ema", "init_generator")):
@@ -1674,6 +1947,7 @@ def main(argv=None):
             user = {**saved, "init_generator": "", "out": os.path.dirname(os.path.abspath(path)),
                     **{k: v for k, v in user.items() if k in RESUMABLE}}
         cfg = make_config(Config, {k: v for k, v in user.items() if k in DATA_FIELDS})
+        check_finite(cfg)  # the data fields, before they size anything
         data = load_data(cfg)
         cfg = make_config(Config, user, RECIPES[data.recipe],
                           FINETUNE_RECIPE if user.get("init_generator") else {})
@@ -1681,9 +1955,9 @@ def main(argv=None):
         check_batch_size(cfg.batch_size, data)
         ranks, device = init_ranks(cfg.device)
         check_world(cfg.batch_size, ranks)
-        set_precision(cfg.precision, device)
+        set_precision(cfg.precision, device, cfg.deterministic)
         out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset.rstrip("/")))[0])
-        os.makedirs(out, exist_ok=True)
+        created = new_folder(out)
         torch.manual_seed(cfg.seed)
         teacher, teacher_ckpt = prepare_teacher(cfg, data, out, device, ranks)
         matching = teacher_matching(cfg, teacher_ckpt, data, cfg.teacher or os.path.join(out, "teacher.pt"))
@@ -1704,14 +1978,17 @@ def main(argv=None):
         state = RealUID(cfg, teacher, fake, g, matching, fake_spec=spec, ranks=ranks)
         if resume is not None:
             state.load_state_dict(resume)
+            stale_temporaries(out)
+            rewind_metrics(out, state.step)
         meta = dict(data=data.info(cfg.dataset), field=spec, matching=matching.spec())
         scorer = None
         if cfg.fid_every:  # built before training, so that a missing download fails now, not after hours
             import eval as eval_py
             scorer = eval_py.ModelSelection(cfg, data, out, device, meta, matching, resumed=resume is not None,
                                             ranks=ranks)
-    except UsageError as e:
-        return fail("realuid.py", e)
+    except (UsageError, Diverged) as e:  # Diverged: a teacher trained on the spot
+        undo_folder(out, created)
+        return fail("realuid.py", e, code=2 if isinstance(e, UsageError) else 1)
     say = print if ranks.main else lambda *a: None
     if ranks.main:
         with open(os.path.join(out, "arguments.json"), "w") as f:
@@ -1722,13 +1999,21 @@ def main(argv=None):
     t0 = time.time()
     grids = grid_writer(out, data.shape(), data.num_classes, device) if data.kind == "image" else None
     try:
-        finished = distill(state, batches(data, cfg.batch_size, device, cfg.seed, state.step, cfg.workers, ranks),
-                           out, meta, grids, scorer)
+        stopped = distill(state, batches(data, cfg.batch_size, device, cfg.seed, state.step, cfg.workers, ranks),
+                          out, meta, grids, scorer)
     except UsageError as e:
+        undo_folder(out, created)
         return fail("realuid.py", e)
-    if not finished:
-        say(f"interrupted at update {state.step}: checkpoint saved; continue with --resume {out}")
-        return 130
+    except Diverged as e:
+        found = checkpoints_in(out)
+        return fail("realuid.py", f"{e}; " + (f"the last good checkpoint is {found[-1]}" if found else
+                                              "no checkpoint was saved before"), code=1)
+    except OSError as e:  # the closing save found no space, after its retries
+        return fail("realuid.py", e, code=1)
+    if stopped:
+        say(f"stopped by signal {signal.Signals(stopped).name} at update {state.step}: checkpoint saved; "
+            f"continue with --resume {out}")
+        return 128 + stopped  # the shell's convention for a run ended by a signal
     say(f"distillation took {time.time() - t0:.0f} s; checkpoints in {out}")
     if scorer and ranks.main:
         print(f"model selection: {scorer.summary()}")

@@ -12,20 +12,18 @@ NOTES.md section 6. The checkpoint (format in README) loads into realuid.py with
 """
 
 import copy
-import dataclasses
 import os
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
-from realuid import (DATA_FIELDS, PRECISIONS, VERSION, Ranks, UsageError, batches, build_field, check_batch_size,
-                     check_world, config_dict, count_parameters, default_field_spec, ema_update, fail, finish,
-                     fused_adam, init_ranks, load_data, make_config, matching_model, noise_and_time, opt,
-                     parser_from_dataclass, sample_field, save_checkpoint, save_grid, set_precision, um_loss, use_bf16,
-                     warmup_schedule)
+from realuid import (DATA_FIELDS, Diverged, NonFinite, PRECISIONS, Ranks, UsageError, VERSION, batches, build_field,
+                     check_batch_size, check_finite, check_world, config_dict, count_parameters, default_field_spec,
+                     ema_update, fail, finish, fused_adam, init_ranks, load_data, make_config, matching_model,
+                     new_folder, noise_and_time, opt, parser_from_dataclass, sample_field, save_checkpoint, save_grid,
+                     set_precision, um_loss, undo_folder, use_bf16, warmup_schedule)
 
 
 @dataclass
@@ -61,7 +59,8 @@ class TeacherConfig:
                          choices=PRECISIONS)
     seed: int = opt(0, "seed")
     workers: int = opt(2, "data-loader processes for image folders")
-    log_every: int = opt(100, "updates between progress-bar updates")
+    log_every: int = opt(100, "updates between progress-bar updates (and checks for non-finite updates)")
+    skip_nonfinite: int = opt(0, "skip up to N updates whose loss or gradient is NaN or infinite (else stop)")
     sample_steps: int = opt(100, "sampler steps of the closing sample grid (images; 0: no grid)")
     eval_samples: int = opt(2000, "held-out points kept aside (low-dim .npy data)")
 
@@ -82,10 +81,10 @@ def matching_spec(cfg):
     return dict(type="fm")
 
 
-def teacher_step(net, optimiser, sched, ema, m, x1, y, grad_clip, bf16=False, ranks=None):
+def teacher_step(net, optimiser, sched, ema, m, x1, y, grad_clip, bf16=False, ranks=None, nonfinite=None, update=0):
     """One UM update (Def. 1, eq. 3): || u(t, x_t[, y]) - f_t(x_t | x1) ||^2, weighted as m asks; returns the
-    loss as a tensor (no host sync)."""
-    ranks = ranks or Ranks()
+    loss as a tensor (no host sync). A non-finite loss or gradient skips the update (counted in nonfinite)."""
+    ranks, nonfinite = ranks or Ranks(), nonfinite or NonFinite(["teacher"], x1.device)
     x0, t = noise_and_time(m, x1, y, ranks)
     with torch.autocast(x1.device.type, torch.bfloat16, enabled=bf16):
         u = net(t, m.path(x0, x1, t), y).float()
@@ -94,8 +93,7 @@ def teacher_step(net, optimiser, sched, ema, m, x1, y, grad_clip, bf16=False, ra
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     ranks.average(net.parameters())
-    nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-    optimiser.step()
+    nonfinite.step(0, optimiser, list(net.parameters()), loss, grad_clip, update)
     sched.step()
     for decay, ema_net in ema.items():
         ema_update(ema_net, net, decay)
@@ -121,10 +119,14 @@ def train_teacher(cfg, data, device, path, ranks=None):
     bf16 = use_bf16(getattr(cfg, "precision", "fp32"), device, spec)
     bar = tqdm(range(cfg.steps), desc="teacher", dynamic_ncols=True, disable=None if ranks.main else True,
                mininterval=1.0)
+    nonfinite = NonFinite(["teacher"], device)
     for step in bar:
         x1, y = next(source)
-        loss = teacher_step(net, optimiser, sched, ema, m, x1, y, cfg.grad_clip, bf16, ranks)
-        if (step + 1) % cfg.log_every == 0:
+        loss = teacher_step(net, optimiser, sched, ema, m, x1, y, cfg.grad_clip, bf16, ranks, nonfinite, step + 1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            skipped = nonfinite.check(getattr(cfg, "skip_nonfinite", 0), step + 1)  # raises past the allowance
+            if skipped and ranks.main:
+                bar.write(f"teacher.py: warning: {skipped}", file=sys.stderr)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     bar.close()
     if not ranks.main:
@@ -142,22 +144,26 @@ def train_teacher(cfg, data, device, path, ranks=None):
 
 def main(argv=None):
     p = parser_from_dataclass(TeacherConfig, "Train a matching-model teacher (flow matching, diffusion, "
-                                             "bridge matching, interpolants) for realuid.py.")
+                                             "bridge matching, interpolants) for realuid.py.", "teacher.py")
     user = vars(p.parse_args(argv))
     try:
         cfg = make_config(TeacherConfig, {k: v for k, v in user.items() if k in DATA_FIELDS})
+        check_finite(cfg)  # the data fields, before they size anything
         data = load_data(cfg)
         cfg = make_config(TeacherConfig, user, TEACHER_RECIPES[data.recipe])
-        if cfg.steps < 1 or cfg.lr <= 0 or cfg.warmup < 0 or not all(0 < d < 1 for d in cfg.ema):
-            raise UsageError("--steps and --lr must be positive, --warmup non-negative, --ema in (0, 1)")
+        check_finite(cfg)
+        if cfg.steps < 1 or cfg.lr <= 0 or cfg.warmup < 0 or not all(0 < d < 1 for d in cfg.ema) \
+                or cfg.batch_size < 1 or cfg.log_every < 1 or cfg.skip_nonfinite < 0 or cfg.grad_clip <= 0:
+            raise UsageError("--steps, --lr, --batch-size, --log-every and --grad-clip must be positive, --warmup and "
+                             "--skip-nonfinite non-negative, --ema in (0, 1)")
         check_batch_size(cfg.batch_size, data)
         ranks, device = init_ranks(cfg.device)
         check_world(cfg.batch_size, ranks)
         set_precision(cfg.precision, device)
+        out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset.rstrip("/")))[0])
+        created = new_folder(out)
     except UsageError as e:
         return fail("teacher.py", e)
-    out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset.rstrip("/")))[0])
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "teacher.pt")
     spec = default_field_spec(data, cfg)
     say = print if ranks.main else lambda *a: None
@@ -167,8 +173,12 @@ def main(argv=None):
     t0 = time.time()
     try:
         train_teacher(cfg, data, device, path, ranks)
-    except UsageError as e:
-        return fail("teacher.py", e)
+    except (UsageError, Diverged, OSError) as e:
+        undo_folder(out, created)
+        if isinstance(e, UsageError):
+            return fail("teacher.py", e)
+        return fail("teacher.py", f"{e}; nothing was saved" if isinstance(e, Diverged) else
+                    f"could not write {path} ({e.strerror or e})", code=1)
     say(f"teacher training took {time.time() - t0:.0f} s")
     return 0
 

@@ -7,13 +7,14 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import eval as eval_py
 import realuid as R
@@ -659,14 +660,16 @@ def test_ema_warmup_and_k_to_1_schedule():
 
 
 def test_same_seed_same_weights_on_cpu():
-    def run():
-        state, k = tiny_state(seed=3, cond=True, steps=20)
+    # (image folders read by data-loader processes: the SIGTERM test's uninterrupted and resumed runs agree)
+    def run(seed):
+        state, k = tiny_state(seed=seed, cond=True, steps=20)
         torch.manual_seed(3)
         data = R.Data(x=torch.randn(200, 2), y=torch.randint(3, (200,)), num_classes=3)
-        R.distill(state, R.batches(data, 32, "cpu"))
+        R.distill(state, R.batches(data, 32, "cpu", seed=seed))
         return state.generator.state_dict()
-    a, b = run(), run()
+    a, b, c = run(3), run(3), run(4)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 # =============================================================================
@@ -958,6 +961,101 @@ def test_torchcfm_and_official_teacher_files_load_and_agree(tmp_path, capsys):
 
 
 # =============================================================================
+# Sharing weights: safetensors (eval.py export), read wherever a checkpoint is
+# =============================================================================
+
+def safetensors_of(path):
+    """(tensors, metadata with its JSON decoded) of a .safetensors file."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, {k: json.loads(v) for k, v in f.metadata().items()}
+
+
+def test_export_writes_one_ema_bit_for_bit_with_its_metadata(toy_run, tmp_path, capsys):
+    out = tmp_path / "g.safetensors"
+    assert eval_py.main(["export", str(toy_run), "--ema", "0.99", "--out", str(out)]) == 0
+    assert "ema 0.99 weights" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["g.safetensors"]  # written beside, then renamed: no temporary file left
+    ckpt = torch.load(R.latest_checkpoint(str(toy_run)), weights_only=True)
+    sd, meta = safetensors_of(out)
+    ema = ckpt["ema"]["0.99"]
+    assert sd.keys() == ema.keys() and all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ema.items())
+    assert any(not torch.equal(sd[k], ckpt["generator"][k]) for k in sd)  # the EMA, not the raw generator
+    assert meta == dict(version=R.VERSION, kind="generator", weights="ema 0.99", field=ckpt["field"],
+                        data=ckpt["data"], matching=ckpt["matching"], config=ckpt["config"])
+    spec, weights, back = R.read_field_checkpoint(str(out), "checkpoint")  # the dict shape of a checkpoint
+    assert spec == ckpt["field"] and back["kind"] == "generator" and back["config"] == ckpt["config"]
+    assert all(torch.equal(weights[k], v) for k, v in ema.items())
+
+
+def test_sample_from_safetensors_equals_sample_from_the_checkpoint(toy_run, tmp_path, capsys):
+    st, raw = tmp_path / "g.safetensors", tmp_path / "raw.safetensors"
+    assert eval_py.main(["export", str(toy_run), "--ema", "0.995", "--out", str(st)]) == 0
+    assert eval_py.main(["export", str(toy_run), "--out", str(raw)]) == 0  # the raw generator, as sample's default
+
+    def sample(source, *flags):
+        out = tmp_path / "s.npy"
+        assert eval_py.main(["sample", str(source), "--n", "500", "--seed", "3", "--out", str(out), *flags]) == 0
+        return np.load(out)
+    from_checkpoint = sample(toy_run, "--ema", "0.995")
+    assert np.array_equal(sample(st, "--ema", "0.995"), from_checkpoint)
+    assert np.array_equal(sample(st), from_checkpoint)  # the file holds that EMA only: --ema may be left out
+    assert np.array_equal(sample(raw), sample(toy_run))
+    assert not np.array_equal(sample(raw), from_checkpoint)
+    assert "holds only the ema 0.995 weights, not EMA 0.99" in error_of(
+        eval_py.main, ["sample", str(st), "--ema", "0.99"], capsys)
+    assert "holds only the generator weights, not EMA 0.995" in error_of(
+        eval_py.main, ["sample", str(raw), "--ema", "0.995"], capsys)
+
+
+def test_safetensors_teacher_and_init_generator_distil_exactly_as_the_pt_files(toy_run, tmp_path):
+    teacher, g = tmp_path / "teacher.safetensors", tmp_path / "g.safetensors"
+    assert eval_py.main(["export", str(toy_run / "teacher.pt"), "--out", str(teacher)]) == 0
+    assert safetensors_of(teacher)[1]["weights"] == "ema 0.999"  # a teacher's default: its EMA, as sample takes
+    assert eval_py.main(["export", str(toy_run), "--ema", "0.99", "--out", str(g)]) == 0
+    common = ["--steps", "6", "--fid-every", "0", "--eval-samples", "200"]  # 5 fake updates, 1 generator update
+    first = R.latest_checkpoint(str(toy_run))
+    for name, flags in (("pt", ["--teacher", str(toy_run / "teacher.pt")]), ("st", ["--teacher", str(teacher)]),
+                        ("ft-pt", ["--teacher", str(toy_run / "teacher.pt"), "--init-generator", first,
+                                   "--init-ema", "0.99"]),
+                        ("ft-st", ["--teacher", str(teacher), "--init-generator", str(g), "--init-ema", "0.99"])):
+        assert R.main(common + flags + ["--out", str(tmp_path / name)]) == 0
+    assert_same_weights(weights_of(tmp_path / "pt"), weights_of(tmp_path / "st"))
+    assert_same_weights(weights_of(tmp_path / "ft-pt"), weights_of(tmp_path / "ft-st"))
+    a, b = weights_of(tmp_path / "pt")["generator"], weights_of(tmp_path / "ft-st")["generator"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # fine-tuning really started elsewhere
+
+
+def test_safetensors_without_our_metadata_are_refused(toy_run, tmp_path, capsys):
+    from safetensors.torch import save_file
+    bare = str(tmp_path / "bare.safetensors")
+    save_file(torch.load(toy_run / "teacher.pt", weights_only=True)["ema"]["0.999"], bare)  # right weights, no metadata
+    for main, argv in ((eval_py.main, ["sample", bare]), (eval_py.main, ["export", bare, "--out", bare + "2"]),
+                       (R.main, ["--teacher", bare, "--steps", "1", "--out", str(tmp_path)])):
+        err = error_of(main, argv, capsys)
+        assert "safetensors file without realuid's metadata" in err and "field" in err and "eval.py export" in err
+    g = str(tmp_path / "g.safetensors")
+    assert eval_py.main(["export", str(toy_run), "--out", g]) == 0
+    assert "not a training checkpoint" in error_of(R.main, ["--resume", g], capsys)
+
+
+def test_safetensors_are_read_without_pickle(toy_run, tmp_path, monkeypatch):
+    import pickle
+    st = tmp_path / "g.safetensors"
+    assert eval_py.main(["export", str(toy_run), "--ema", "0.99", "--out", str(st)]) == 0
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unpickling")
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, refuse)
+    with pytest.raises(R.UsageError, match="unpickling"):  # the patch bites: a .pt file cannot be read now
+        R.load_field(str(toy_run / "teacher.pt"))
+    net, ckpt = R.load_field(str(st), "checkpoint", 0.99)
+    assert ckpt["kind"] == "generator" and R.count_parameters(net) > 0
+    assert eval_py.main(["sample", str(st), "--n", "10", "--out", str(tmp_path / "s.npy")]) == 0
+
+
+# =============================================================================
 # Resume and fine-tuning
 # =============================================================================
 
@@ -1002,7 +1100,7 @@ def test_ctrl_c_stops_at_an_update_boundary_with_a_checkpoint(tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)  # arrives during the fifth update
             yield batch
     before = signal.getsignal(signal.SIGINT)
-    assert R.distill(state, interrupting(), str(tmp_path)) is False
+    assert R.distill(state, interrupting(), str(tmp_path)) == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is before
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000005.pt", "metrics.jsonl"]
     assert torch.load(tmp_path / "checkpoint-00000005.pt", weights_only=True)["step"] == 5
@@ -1705,3 +1803,376 @@ def test_fid_statistics_under_torchrun_are_those_of_all_ranks_features_together(
         mu, sigma = (np.array(v) for v in result[rank])
         np.testing.assert_allclose(mu, features.mean(0), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+# =============================================================================
+# Reliability: untrusted files, pre-emption, full disks, divergence, bad input, determinism
+# =============================================================================
+
+class RunsCode:
+    """A pickle that calls os.mkdir(path) when unpickled: what a malicious checkpoint does, harmlessly."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(toy_run, tmp_path, capsys):
+    marker = str(tmp_path / "code-ran")
+    ckpt = torch.load(toy_run / "teacher.pt", weights_only=True)
+    ckpt["extra"] = RunsCode(marker)
+    torch.save(ckpt, tmp_path / "evil.pt")
+    run = R.load_checkpoint(R.latest_checkpoint(str(toy_run)))
+    run["extra"] = RunsCode(marker)
+    torch.save(run, tmp_path / "evil-run.pt")
+    for main, argv in [(R.main, ["--teacher", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "o")]),
+                       (R.main, ["--resume", str(tmp_path / "evil-run.pt")]),
+                       (R.main, ["--teacher", str(toy_run / "teacher.pt"), "--init-generator",
+                                 str(tmp_path / "evil-run.pt"), "--out", str(tmp_path / "o")]),
+                       (eval_py.main, ["sample", str(tmp_path / "evil-run.pt"), "--n", "4", "--out",
+                                       str(tmp_path / "s.npy")])]:
+        err = error_of(main, argv, capsys)
+        assert "could run code" in err and "refused" in err, err
+        assert not any(os.path.exists(p) for p in (marker, tmp_path / "o", tmp_path / "s.npy"))
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the trap is real: a plain torch.load springs it
+    assert os.path.isdir(marker)
+
+
+def test_a_skipped_update_leaves_weights_moments_and_step_untouched_without_a_host_sync():
+    net = R.MLPField(2, 16, 3)
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.0, 0.999), fused=True)
+    guard, params = R.NonFinite(["fake model", "generator"], torch.device("cpu")), list(net.parameters())
+    x = torch.randn(8, 2)
+    for update, poison in enumerate([0.0, 0.0, math.nan, 0.0, math.inf], start=1):
+        before = copy.deepcopy(net.state_dict()), copy.deepcopy(optimiser.state_dict()["state"])
+        loss = (net(torch.rand(8), x) ** 2).mean() + poison
+        optimiser.zero_grad()
+        loss.backward()
+        guard.step(1, optimiser, params, loss, 1.0, update)
+        unchanged = all(torch.equal(v, net.state_dict()[k]) for k, v in before[0].items())
+        assert unchanged == (poison != 0.0), update
+        if poison:
+            now = optimiser.state_dict()["state"]
+            assert all(torch.equal(before[1][i][k], now[i][k]) for i in now for k in now[i])  # moments and step
+    assert guard.count.tolist() == [0.0, 2.0]
+    assert "skipped 2 non-finite update(s) of --skip-nonfinite 2 (the first: update 3: the generator's loss is " \
+           "nan" in guard.check(2, 5)
+    guard.seen = 0
+    with pytest.raises(R.Diverged, match=r"update 3: the generator's loss is nan .* stopped at update 5 "
+                                         r"\(2 non-finite update\(s\) of the generator\)\. Try a lower --lr"):
+        guard.check(1, 5)
+
+
+def test_divergence_stops_at_once_keeping_only_finite_checkpoints_or_skips_when_asked(toy_run, tmp_path, capsys):
+    # lr 1e30: the first Adam step moves every weight by 1e30, the next forward pass overflows
+    argv = ["--teacher", str(toy_run / "teacher.pt"), "--lr", "1e30", "--warmup", "0", "--steps", "30", "--K", "2",
+            "--log-every", "5", "--fid-every", "0", "--eval-samples", "200"]
+    rc = R.main(argv + ["--save-every", "1", "--out", str(tmp_path / "stop")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "error: update 2: the fake model's loss is nan" in err and "stopped at update 2" in err
+    assert "lower --lr" in err and "checkpoint-00000001.pt" in err
+    assert [os.path.basename(p) for p in R.checkpoints_in(str(tmp_path / "stop"))] == ["checkpoint-00000001.pt"]
+    rc = R.main(argv + ["--save-every", "10", "--skip-nonfinite", "100", "--out", str(tmp_path / "skip")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "warning: skipped" in err
+    ckpt = R.load_checkpoint(R.latest_checkpoint(str(tmp_path / "skip")))
+    assert ckpt["step"] == 30
+    for part in ("generator", "fake"):
+        assert all(torch.isfinite(v).all() for v in ckpt[part].values())
+    rows = [json.loads(l) for l in open(tmp_path / "skip" / "metrics.jsonl")]
+    assert rows[-1]["skipped_nonfinite"] >= 20
+    assert "must be a finite number" in error_of(R.main, argv[:2] + ["--lr", "nan", "--out", str(tmp_path / "n")],
+                                                 capsys)
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "rename"])
+def test_a_save_that_fails_anywhere_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, where):
+    import errno
+    R.save_checkpoint({"step": torch.tensor(1), "w": torch.arange(1000.0)}, str(tmp_path / "c.pt"))
+
+    def full(*a, **k):
+        if where == "write":
+            a[1].write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr({"write": torch, "fsync": os, "rename": os}[where],
+                        {"write": "save", "fsync": "fsync", "rename": "replace"}[where], full)
+    with pytest.raises(OSError, match="No space left"):
+        R.save_checkpoint({"step": torch.tensor(2), "w": torch.zeros(1000)}, str(tmp_path / "c.pt"))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["c.pt"]  # no partial file beside it
+    assert R.load_checkpoint(str(tmp_path / "c.pt"))["step"] == 1
+
+
+def test_a_full_disk_costs_no_training_and_the_closing_save_waits_for_space(tmp_path, monkeypatch, capsys):
+    import errno
+    real_save, calls = torch.save, []
+
+    def flaky(obj, f, *a, **k):  # the second and third saves find the disk full
+        calls.append(1)
+        if len(calls) in (2, 3):
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    results = {}
+    for name in ("plain", "full"):
+        state, _ = tiny_state(steps=12)
+        state.cfg.save_every, state.cfg.log_every, state.cfg.keep = 3, 3, 10
+        os.makedirs(tmp_path / name)
+        if name == "full":
+            monkeypatch.setattr(torch, "save", flaky)
+        assert R.distill(state, R.batches(R.Data(x=torch.randn(100, 2)), 16, "cpu"), str(tmp_path / name)) is None
+        results[name] = state
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("could not write the checkpoint of update") == 2 and "No space left on device" in err
+    assert "the last complete one is" in err and "checkpoint-00000003.pt" in err
+    assert sorted(os.listdir(tmp_path / "full")) == ["checkpoint-00000003.pt", "checkpoint-00000012.pt",
+                                                     "metrics.jsonl"]
+    a, b = (results[n].generator.state_dict() for n in ("plain", "full"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the failed saves changed nothing in training
+    # the closing save retries, then gives up with the last complete checkpoint named
+    monkeypatch.setattr(R, "SAVE_RETRIES", 2)
+    monkeypatch.setattr(R, "SAVE_WAIT", 0)
+
+    def always_full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", always_full)
+    state, _ = tiny_state(steps=4)
+    os.makedirs(tmp_path / "never")
+    with pytest.raises(OSError, match=r"update 4 .* the last complete one is none; the updates after it are lost"):
+        R.distill(state, R.batches(R.Data(x=torch.randn(100, 2)), 16, "cpu"), str(tmp_path / "never"))
+    assert capsys.readouterr().err.count("retrying in 0 s") == 2
+
+
+@pytest.fixture(scope="module")
+def image_folder_run(tmp_path_factory):
+    """16 PNGs of 16 x 16 and a 2-update teacher of them: the smallest real image training (data-loader
+    processes, sample grids, 24 MB checkpoints)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(3)
+    (root / "images").mkdir()
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    assert teacher_py.main(["--dataset", str(root / "images"), "--resolution", "16", "--steps", "2", "--batch-size",
+                            "4", "--workers", "0", "--out", str(root / "t")] + TINY_UNET) == 0
+    return root
+
+
+def folder_argv(root, out, steps, *more):
+    return ["--dataset", str(root / "images"), "--resolution", "16", "--teacher", str(root / "t" / "teacher.pt"),
+            "--K", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup", "2", "--workers", "2", "--log-every", "1",
+            "--sample-every", "1000", "--steps", str(steps), "--out", str(out), *more]
+
+
+def background(argv, log, script="realuid.py", ranks=1):
+    """A training process in its own session, as a scheduler starts it (one thread: the same arithmetic in every
+    run of a test)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
+        if ranks > 1 else [sys.executable]
+    return subprocess.Popen([*command, script, *argv], cwd=HERE, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def wait_until(condition, proc, timeout=300):
+    import time
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.005)
+
+
+def metric_steps(out):
+    path = out / "metrics.jsonl"
+    return [json.loads(l)["step"] for l in open(path)] if path.exists() else []
+
+
+def run_to_end(argv, tmp_path, name):
+    with open(tmp_path / f"{name}.log", "w") as log:
+        proc = background(argv, log)
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+
+
+def test_sigterm_to_the_whole_job_saves_at_an_update_boundary_and_resume_is_exact(image_folder_run, tmp_path):
+    import signal
+    root = image_folder_run
+    run_to_end(folder_argv(root, tmp_path / "one", 16, "--save-every", "100"), tmp_path, "one")
+    with open(tmp_path / "two.log", "w") as log:
+        proc = background(folder_argv(root, tmp_path / "two", 16, "--save-every", "100"), log)
+        wait_until(lambda: len(metric_steps(tmp_path / "two")) >= 3, proc)
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process and its data-loader processes, as SLURM does
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    text = (tmp_path / "two.log").read_text()
+    assert "Traceback" not in text and "stopped by signal SIGTERM" in text and "--resume" in text
+    saved = R.load_checkpoint(R.latest_checkpoint(str(tmp_path / "two")))
+    assert 3 <= saved["step"] < 16 and metric_steps(tmp_path / "two")[-1] == saved["step"]
+    run_to_end(["--resume", str(tmp_path / "two")], tmp_path, "resume")
+    assert_same_weights(weights_of(tmp_path / "one"), weights_of(tmp_path / "two"))
+    assert metric_steps(tmp_path / "two") == list(range(1, 17))
+
+
+def test_sigkill_in_the_middle_of_a_save_leaves_the_last_checkpoint_whole_and_resume_is_exact(image_folder_run,
+                                                                                               tmp_path):
+    import signal
+    root = image_folder_run
+    run_to_end(folder_argv(root, tmp_path / "one", 12, "--save-every", "1"), tmp_path, "one")
+    out = tmp_path / "two"
+    for attempt in range(5):  # the kill must land while a file is half written
+        with open(tmp_path / "two.log", "w") as log:
+            proc = background(folder_argv(root, out, 12, "--save-every", "1"), log)
+            wait_until(lambda: any(".pt.tmp-" in f for f in os.listdir(out)) if out.exists() and
+                       len(metric_steps(out)) >= 3 else False, proc)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        partial = [f for f in os.listdir(out) if ".pt.tmp-" in f]
+        if partial:
+            break
+        shutil.rmtree(out)
+    assert partial, "no kill landed mid-save in 5 tries"
+    saved = R.load_checkpoint(R.latest_checkpoint(str(out)))  # the newest complete file loads
+    assert 2 <= saved["step"] < 12
+    run_to_end(["--resume", str(out)], tmp_path, "resume")
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]  # the partial file is cleared
+    assert_same_weights(weights_of(tmp_path / "one"), weights_of(out))
+    assert metric_steps(out) == list(range(1, 13))  # the rows logged after the checkpoint were rewound
+
+
+def test_sigterm_under_torchrun_stops_both_ranks_at_an_agreed_update_and_resume_is_exact(tmp_path):
+    import signal
+    data = ["--dataset", "8gaussians", "--batch-size", "64", "--hidden", "32", "--seed", "3"]
+    torchrun("teacher.py", *data, "--steps", "30", "--out", str(tmp_path / "t"), ranks=1)
+    run = [*data, "--teacher", str(tmp_path / "t" / "teacher.pt"), "--K", "2", "--fid-every", "0", "--eval-samples",
+           "200", "--save-every", "100000", "--log-every", "4", "--steps", "1200", "--device", "cpu"]
+    torchrun("realuid.py", *run, "--out", str(tmp_path / "one"), ranks=2)
+    with open(tmp_path / "two.log", "w") as log:
+        proc = background([*run, "--out", str(tmp_path / "two")], log, ranks=2)
+        wait_until(lambda: len(metric_steps(tmp_path / "two")) >= 5, proc)
+        os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both ranks, as a scheduler does
+        proc.wait(timeout=120)
+    text = (tmp_path / "two.log").read_text()
+    assert text.count("stopped by signal SIGTERM") == 1, text[-3000:]  # rank 0 alone speaks and saves
+    saved = R.load_checkpoint(R.latest_checkpoint(str(tmp_path / "two")))
+    assert 20 <= saved["step"] < 1200 and saved["step"] % 4 == 0  # at a log line, where the ranks agree
+    torchrun("realuid.py", "--resume", str(tmp_path / "two"), ranks=2)
+    assert_same_weights(weights_of(tmp_path / "one"), weights_of(tmp_path / "two"))
+
+
+def cli(main, argv, capsys):
+    """(exit code, stderr) of a command line, argparse's own exits included."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def assert_refused_cleanly(rc, err, out, prog):
+    """Bad input: one error line on stderr, a non-zero code, no traceback, and no output folder left behind."""
+    assert "Traceback" not in err, err
+    if rc != 0:
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert rc in (1, 2) and lines and lines[-1].startswith(f"{prog}: error: "), err
+        assert sum("error:" in l for l in lines) == 1, err
+        assert not os.path.exists(out), os.listdir(out)
+
+
+BAD_NUMBERS = ["0", "-1", "-0.5", "nan", "inf", "-inf", "1e309", "abc", "", "0.5", "1", "2", "1.5", "7", "2147483648"]
+CLI_FLAGS = ["alpha", "beta", "gamma", "alpha-sid", "K", "lr", "batch-size", "warmup", "ema", "grad-clip", "seed",
+             "log-every", "save-every", "keep", "sample-every", "fid-every", "fid-samples", "eval-samples",
+             "skip-nonfinite", "sigma-init", "dmd-t-max", "lambda-gen", "gan-t-range", "teacher-ema", "num-heads",
+             "resolution", "workers", "device", "precision", "model", "fake-init", "dataset", "init-ema",
+             "parameterization"]
+SWITCHES = ["--cond", "--gan", "--dmd", "--normalized", "--deterministic", "--channels-last", "--bogus"]
+counter = iter(range(10 ** 9))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.sampled_from(CLI_FLAGS), st.lists(st.sampled_from(BAD_NUMBERS), min_size=0, max_size=2)),
+                max_size=3), st.lists(st.sampled_from(SWITCHES), max_size=2))
+def test_any_command_line_trains_or_is_refused_in_one_line(toy_run, tmp_path, capsys, flags, switches):
+    out = tmp_path / f"run{next(counter)}"
+    argv = ["--teacher", str(toy_run / "teacher.pt"), "--steps", "2", "--fid-every", "0", "--eval-samples", "50",
+            "--out", str(out)]
+    for flag, values in flags:
+        argv += [f"--{flag}", *values]
+    rc, err = cli(R.main, argv + switches, capsys)
+    assert_refused_cleanly(rc, err, out, "realuid.py")
+    if rc == 0:
+        assert R.load_checkpoint(R.latest_checkpoint(str(out)))["step"] == 2
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+    """Data sets that must be refused, each in its real on-disk form."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(0)
+    (root / "empty").mkdir()
+    for name, bad in [("truncated", lambda p: p.write_bytes(p.read_bytes()[:60])),
+                      ("zero-bytes", lambda p: p.write_bytes(b"")), ("text", lambda p: p.write_text("not an image"))]:
+        folder = root / name
+        folder.mkdir()
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        bad(folder / "5.png")
+    np.save(root / "nan.npy", np.array([[0.0, np.nan]] * 10, np.float32))
+    np.save(root / "3d.npy", np.zeros((10, 2, 2), np.float32))
+    np.save(root / "small-images.npy", np.zeros((10, 12, 12, 3), np.uint8))
+    np.save(root / "few.npy", np.zeros((3, 2), np.float32))
+    np.save(root / "objects.npy", np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True)
+    (root / "garbage.npy").write_bytes(b"\x93NUMPY garbage")
+    return root
+
+
+DATASETS = ["8gaussians", "pairs", "digits", "nope", "missing.npy", "empty", "truncated", "zero-bytes", "text",
+            "nan.npy", "3d.npy", "small-images.npy", "few.npy", "objects.npy", "garbage.npy"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(DATASETS), st.lists(st.tuples(st.sampled_from(
+    ["batch-size", "resolution", "model", "steps", "lr", "ema", "warmup", "grad-clip", "channels", "hidden",
+     "log-every", "skip-nonfinite", "workers", "seed"]), st.sampled_from(BAD_NUMBERS)), max_size=2),
+       st.lists(st.sampled_from(["--cond", "--bogus"]), max_size=1))
+def test_any_data_set_and_teacher_command_line_trains_or_is_refused_in_one_line(bad_data, tmp_path, capsys,
+                                                                                  dataset, flags, switches):
+    out = tmp_path / f"teacher{next(counter)}"
+    path = str(bad_data / dataset) if (bad_data / dataset).exists() or dataset.endswith(".npy") else dataset
+    argv = ["--dataset", path, "--steps", "2", "--batch-size", "4", "--sample-steps", "1", "--out", str(out),
+            "--workers", "0"] + TINY_UNET[:-2]
+    for flag, value in flags:
+        argv += [f"--{flag}", value] if flag != "steps" or value in ("0", "-1", "abc", "nan") else []
+    rc, err = cli(teacher_py.main, argv + switches, capsys)
+    assert_refused_cleanly(rc, err, out, "teacher.py")
+    if dataset in ("truncated", "zero-bytes", "text"):  # read lazily: refused when a batch first holds it
+        assert rc == 0 or "5.png cannot be read" in err or "--" in err, err
+    elif dataset not in ("8gaussians", "pairs", "digits"):
+        assert rc == 2, err  # every other data set here is broken
+        assert path in err or dataset in err or "--" in err, err
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_unreadable_image_hours_in_is_named_and_the_updates_so_far_are_kept(image_folder_run, bad_data, tmp_path,
+                                                                                 capsys, workers):
+    out = tmp_path / "run"
+    argv = folder_argv(image_folder_run, out, 40, "--save-every", "1000", "--workers", workers)
+    argv[1] = str(bad_data / "truncated")
+    rc, err = cli(R.main, argv, capsys)
+    assert rc == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    assert f"the image {bad_data / 'truncated' / '5.png'} cannot be read" in err and "replace or remove it" in err
+    saved = R.checkpoints_in(str(out)) if out.exists() else []
+    if saved:  # the updates before the bad batch were saved; a resume goes on from them
+        assert R.load_checkpoint(saved[-1])["step"] == max(metric_steps(out))
+
+
+def test_a_process_that_leaks_its_data_loader_still_exits(image_folder_run):
+    # the workers ignore SIGTERM while training (the main process stops at a boundary first), but not at exit,
+    # where multiprocessing terminates them: else an error that keeps a traceback would hang the process
+    code = (f"import sys, torch, realuid as R\ndata = R.Data(files=R.list_images({str(image_folder_run / 'images')!r}),"
+            f" resolution=16, kind='image')\nsys.leak = R.batches(data, 4, torch.device('cpu'), workers=2)\n"
+            f"next(sys.leak)\nprint('exiting')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "exiting", out.stderr[-2000:]
