@@ -1070,9 +1070,7 @@ class RealUID:
 
     def state_dict(self):
         """Everything a resume needs, as plain tensors and numbers (loads with weights_only=True)."""
-        rng = dict(cpu=torch.get_rng_state())
-        if self.device.type == "cuda":  # this rank's card only: under torchrun the others belong to other ranks
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = rng_state(self.device)
         return dict(generator=self.generator.g.state_dict(), fake=self.fake.state_dict(),
                     ema={str(d): net.state_dict() for d, net in self.ema.items()},
                     opt_gen=self.opt_gen.state_dict(), opt_fake=self.opt_fake.state_dict(),
@@ -1091,12 +1089,25 @@ class RealUID:
         for group in self.opt_gen.param_groups + self.opt_fake.param_groups:
             group["fused"] = fused_adam(self.device)  # this machine's choice, not the saving one's
         self.step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        cuda = ckpt["rng"].get("cuda")
-        if cuda is not None and self.device.type == "cuda":
-            if isinstance(cuda, (list, tuple)):  # files before torchrun held every card's state
-                cuda = cuda[self.device.index or 0]
-            torch.cuda.set_rng_state(cuda, self.device)
+        set_rng_state(ckpt["rng"], self.device)
+
+
+def rng_state(device):
+    """The random state a resume needs, as tensors: the CPU's and this rank's card's (the others belong to
+    other ranks under torchrun)."""
+    rng = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng["cpu"])
+    cuda = rng.get("cuda")
+    if cuda is not None and device.type == "cuda":
+        if isinstance(cuda, (list, tuple)):  # files before torchrun held every card's state
+            cuda = cuda[device.index or 0]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 SAVE_RETRIES, SAVE_WAIT = 10, 30  # the closing checkpoint waits this long for disk space before giving up
@@ -1850,6 +1861,18 @@ def new_folder(path):
     return created
 
 
+def resumed_flags(user, saved, path, resumable, **fixed):
+    """The saved configuration, with the `resumable` flags the user gave (others are refused), `fixed` values,
+    and the output folder of the file at path."""
+    other = sorted(k for k in user if k not in resumable)
+    if other:
+        raise UsageError(f"--resume continues the saved configuration; only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in resumable[:-1])} may change "
+                         f"(got --{other[0].replace('_', '-')})")
+    return {**{k: v for k, v in saved.items() if k != "resume"}, **fixed,
+            "out": os.path.dirname(os.path.abspath(path)), **{k: v for k, v in user.items() if k in resumable}}
+
+
 def undo_folder(out, created):
     """A run refused before it saved anything takes away the folder it created (logs, an empty samples/), and
     keeps any folder with work in it (checkpoints, a teacher trained on the spot)."""
@@ -1938,14 +1961,7 @@ def main(argv=None):
             resume = load_checkpoint(path, "checkpoint to resume")
             if resume.get("kind") != "generator":
                 raise UsageError(f"{path} is not a realuid.py checkpoint and cannot be resumed")
-            fixed = sorted(k for k in user if k not in RESUMABLE)
-            if fixed:
-                raise UsageError(f"--resume continues the saved configuration; only "
-                                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:-1])} may change "
-                                 f"(got --{fixed[0].replace('_', '-')})")
-            saved = {k: v for k, v in resume["config"].items() if k != "resume"}  # the flags given win
-            user = {**saved, "init_generator": "", "out": os.path.dirname(os.path.abspath(path)),
-                    **{k: v for k, v in user.items() if k in RESUMABLE}}
+            user = resumed_flags(user, resume["config"], path, RESUMABLE, init_generator="")
         cfg = make_config(Config, {k: v for k, v in user.items() if k in DATA_FIELDS})
         check_finite(cfg)  # the data fields, before they size anything
         data = load_data(cfg)
