@@ -1499,7 +1499,8 @@ def load_data(cfg):
         raise UsageError(f"unknown dataset {name!r}: use 8gaussians, pairs, digits, cifar10, a folder of images, "
                          f"or a .npy file (N x D floats or N x H x W x C uint8)")
     if data.kind == "image" and min(data.shape()[1:]) % 8:
-        raise UsageError(f"{name} holds images of side {data.shape()[1:]}; the UNet needs a multiple of 8")
+        raise UsageError(f"{name} holds images of side {data.shape()[1:]}; the UNet needs a multiple of 8"
+                         + (" (--resolution sets it)" if data.files is not None or name == "digits" else ""))
     if cfg.cond and data.num_classes is None:
         raise UsageError(f"--cond needs class labels, and {name} has none")
     if not cfg.cond and not data.coupled:

@@ -2091,9 +2091,11 @@ CLI_FLAGS = ["alpha", "beta", "gamma", "alpha-sid", "K", "lr", "batch-size", "wa
              "parameterization"]
 SWITCHES = ["--cond", "--gan", "--dmd", "--normalized", "--deterministic", "--channels-last", "--bogus", "--alpha"]
 counter = iter(range(10 ** 9))
+# The two properties below run fixed examples (derandomize), so that CI cannot fail on a draw no one has seen;
+# each was explored with 300 to 600 random examples per run (README: Reliability).
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(st.lists(st.tuples(st.sampled_from(CLI_FLAGS), st.sampled_from(NUMBERS)), max_size=3),
        st.lists(st.sampled_from(SWITCHES), max_size=2))
 def test_any_command_line_trains_or_is_refused_in_one_line(toy_run, tmp_path, capsys, flags, switches):
@@ -2135,7 +2137,7 @@ DATASETS = ["8gaussians", "pairs", "digits", "nope", "missing.npy", "empty", "tr
             "nan.npy", "3d.npy", "small-images.npy", "few.npy", "objects.npy", "garbage.npy"]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(st.sampled_from(DATASETS), st.lists(st.tuples(st.sampled_from(
     ["batch-size", "resolution", "model", "steps", "lr", "ema", "warmup", "grad-clip", "channels", "hidden",
      "log-every", "skip-nonfinite", "workers", "seed"]), st.sampled_from(NUMBERS)), max_size=2),
@@ -2151,7 +2153,7 @@ def test_any_data_set_and_teacher_command_line_trains_or_is_refused_in_one_line(
     rc, err = cli(teacher_py.main, argv + switches, capsys)
     assert_refused_cleanly(rc, err, out, "teacher.py")
     if dataset in ("truncated", "zero-bytes", "text"):  # read lazily: refused when a batch first holds it
-        assert rc == 0 or "5.png cannot be read" in err or "--" in err, err
+        assert rc == 0 or "5.png cannot be read" in err or path in err or "--" in err, err
     elif dataset not in ("8gaussians", "pairs", "digits"):
         assert rc == 2, err  # every other data set here is broken
         assert path in err or dataset in err or "--" in err, err
