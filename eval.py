@@ -9,14 +9,15 @@
     python eval.py efficiency runs/c10                # the paper's Table 5: parameters, ms/image, memory
     python eval.py export runs/c10 --ema 0.9999 --out generator.safetensors   # weights to share, no pickle
 
-Toy-data metrics: exact W2 between equal-size point clouds (an optimal
-assignment, scipy's linear_sum_assignment), the energy distance, and mode
-coverage of a known Gaussian mixture.
+    python eval.py bench --ladder                     # ms per update: the straightforward loop against ours
+    python eval.py reproduce --quick                  # the paper's claims at laptop scale, in minutes
+
+The commands live here; the scores they share with a training run's model selection (exact W2, the energy
+distance, mode coverage, FID's features and Frechet distance, the closing table) live in runtime.py.
 """
 
 import copy
 import gc
-import hashlib
 import json
 import math
 import os
@@ -26,391 +27,12 @@ import time
 import numpy as np
 import torch
 
-from realuid import (DATA_FIELDS, PRECISIONS, VERSION, Config, ImageFiles, Parser, Ranks, RealUID, UNet, UsageError,
-                     build_field, config_dict, count_parameters, fail, generate, latest_checkpoint, load_checkpoint,
-                     load_data, load_field, make_config, matching_model, read_field_checkpoint,
-                     realuid_generator_loss, realum_loss, resolve_device, sample_field, save_checkpoint, save_grid,
-                     set_precision, to_uint8, use_bf16)
-
-
-# =============================================================================
-# Toy-data metrics
-# =============================================================================
-
-def w2_distance(x, y):
-    """Exact 2-Wasserstein distance between two empirical measures of n points each."""
-    from scipy.optimize import linear_sum_assignment
-    from scipy.spatial.distance import cdist
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) != len(y):
-        raise ValueError(f"W2 by assignment needs equal sizes (got {len(x)} and {len(y)})")
-    cost = cdist(x, y, "sqeuclidean")
-    rows, cols = linear_sum_assignment(cost)
-    return float(np.sqrt(cost[rows, cols].mean()))
-
-
-def energy_distance(x, y):
-    """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (V-statistic; zero iff the laws agree)."""
-    from scipy.spatial.distance import cdist
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
-
-
-def mode_coverage(x, centres, std, radius=3.0):
-    """(modes covered, in-mode fraction) of samples x against a Gaussian mixture with isotropic std.
-
-    A sample is in-mode within radius * std of its nearest centre (in 2D an exact sample is, with
-    probability 1 - exp(-radius^2 / 2) = 0.989 at radius 3); a mode is covered when it holds at least a
-    quarter of its fair share n / K of in-mode samples.
-    """
-    from scipy.spatial.distance import cdist
-    d = cdist(np.asarray(x, dtype=np.float64), np.asarray(centres, dtype=np.float64))
-    in_mode = d.min(1) < radius * std
-    counts = np.bincount(d.argmin(1)[in_mode], minlength=len(centres))
-    return int((counts >= 0.25 * len(x) / len(centres)).sum()), float(in_mode.mean())
-
-
-# =============================================================================
-# Sampling
-# =============================================================================
-
-def to_data_units(x, data_info):
-    """Undo the standardisation of low-dimensional data."""
-    if data_info.get("mean") is not None:
-        x = x * torch.tensor(data_info["std"]) + torch.tensor(data_info["mean"])
-    return x.numpy()
-
-
-class HeldOut:
-    """Low-dim evaluation: samples in data units beside the held-out real points. Coupled data (pairs) are
-    compared as joint points (x_T, x1), each net fed the held-out sources x_T."""
-
-    def __init__(self, data, matching, device, seed=0):
-        self.data, self.matching, self.device, self.seed = data, matching, device, seed
-        self.info, self.n, self.dim = data.info(""), len(data.x_test), data.shape()[0]
-        self.real = self.points(data.x_test, data.src_test, data_units=True)
-
-    def points(self, x, src=None, data_units=False):
-        x = x.numpy() if data_units else to_data_units(x, self.info)
-        return x if src is None else np.concatenate([to_data_units(src, self.info), x], 1)
-
-    def sample(self, net, steps=None):
-        d = self.data
-        return self.points(sample_field(net, self.n, (self.dim,), self.device, steps, d.num_classes, self.seed,
-                                        matching=self.matching, sources=d.src_test), d.src_test)
-
-    def floor(self):
-        """As many training points as held-out ones: the metric's finite-sample floor."""
-        d = self.data
-        idx = torch.randperm(len(d.x), generator=torch.Generator().manual_seed(self.seed))[:self.n]
-        return self.points(d.x[idx], d.y[idx] if d.coupled else None)
-
-    def metrics(self, pts):
-        out = dict(w2=w2_distance(pts, self.real), energy=energy_distance(pts, self.real))
-        if self.data.modes is not None:
-            x = pts[:, -self.dim:]
-            out["modes"], out["in_mode"] = mode_coverage(x, *self.data.modes)
-            if self.data.coupled:
-                out["paired"] = paired_fraction(pts[:, :self.dim], x, self.data.modes[0])
-        return out
-
-
-def paired_fraction(src, x, centres):
-    """The built-in pairs task: the fraction of x whose nearest mode neighbours the source's on the ring."""
-    from scipy.spatial.distance import cdist
-    k_src, k_x = cdist(src, centres).argmin(1), cdist(x, centres).argmin(1)
-    return float(np.isin((k_x - k_src) % len(centres), (1, len(centres) - 1)).mean())
-
-
-def report_lowdim(state, data, out, device, seed=0):
-    """The default run's closing table: W2, energy distance and mode coverage against held-out real data,
-    and a scatter plot."""
-    held = HeldOut(data, state.matching, device, seed)
-    rows = {"real training points": held.floor(),
-            "teacher, 1 step": held.sample(state.teacher, 1),
-            "teacher, 100 steps": held.sample(state.teacher, 100),
-            "RealUID generator, 1 step": held.sample(state.generator.g)}
-    for decay, net in state.ema.items():
-        rows[f"RealUID EMA {decay}, 1 step"] = held.sample(net)
-    results = {name: held.metrics(pts) for name, pts in rows.items()}
-    columns = [c for c in ("modes", "in_mode", "paired") if c in results["teacher, 1 step"]]
-    print(f"\n{'model':<30} {'W2':>8} {'energy':>8}" + "".join(f" {c.replace('_', '-'):>8}" for c in columns)
-          + f"   (to {held.n} held-out real {'pairs' if data.coupled else 'points'})")
-    for name, r in results.items():
-        print(f"{name:<30} {r['w2']:8.4f} {r['energy']:8.4f}" + "".join(
-            f" {r[c]:>6}/{len(data.modes[0])}" if c == "modes" else f" {r[c]:8.3f}" for c in columns))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    if held.dim >= 2:
-        plot_points(held.real[:, -held.dim:], {k: v[:, -held.dim:] for k, v in rows.items()}, results,
-                    os.path.join(out, "samples.png"))
-        print(f"\nscatter plot of real and generated points: {os.path.join(out, 'samples.png')}")
-    return results
-
-
-def plot_points(real, rows, results, path):
-    """Real points beside the teacher at 1 and 100 steps and the best one-step generator."""
-    plt = pyplot()
-    best = min((name for name in rows if name.startswith("RealUID")), key=lambda name: results[name]["w2"])
-    names = ["real (held out)", "teacher, 1 step", "teacher, 100 steps", best]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), sharex=True, sharey=True)
-    for ax, name in zip(axes, names):
-        x = real if name.startswith("real") else rows[name]
-        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5, color="k" if name.startswith("real") else "C0")
-        ax.set_title(name, fontsize=10)
-        ax.set_aspect("equal")
-    lim = 1.2 * np.abs(real[:, :2]).max()
-    axes[0].set_xlim(-lim, lim)
-    axes[0].set_ylim(-lim, lim)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# =============================================================================
-# FID: clean-fid's Inception (the paper's protocol) or an offline feature network
-# =============================================================================
-
-INCEPTION_DIR = "/tmp"  # where clean-fid looks for, and downloads, its Inception weights (not on Windows)
-INCEPTION_FILE = "inception-2015-12-05.pt"
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the squared W2 distance of two Gaussians.
-
-    tr (S1 S2)^(1/2) is computed as tr (S1^(1/2) S2 S1^(1/2))^(1/2), whose eigenvalues are those of S1 S2 but
-    which is symmetric: two symmetric eigendecompositions give a real answer even for the near-singular
-    covariances of few samples, where scipy's sqrtm(S1 S2) returns complex parts (clean-fid then raises).
-    """
-    from scipy import linalg
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
-        raise UsageError(f"the two feature statistics differ in dimension ({len(mu1)} and {len(mu2)})")
-    w, v = linalg.eigh((s1 + s1.T) / 2)
-    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
-    m = root1 @ s2 @ root1
-    tr_covmean = np.sqrt(linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
-    diff = mu1 - mu2
-    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean, 0.0))
-
-
-def moments(features):
-    """(n, sum, sum of outer products) of N x D features in float64: they add up across ranks."""
-    f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    return torch.tensor(float(len(f)), dtype=torch.float64), f.sum(0), f.T @ f
-
-
-def statistics(features, ranks=None):
-    """Mean and unbiased covariance of N x D features in float64 (as clean-fid); under torchrun, of all ranks'
-    features together."""
-    n, s1, s2 = moments(features)
-    if ranks is not None and ranks.world > 1:
-        import torch.distributed as dist
-        n, s1, s2 = (v.to(ranks.device) for v in (n, s1, s2))
-        for v in (n, s1, s2):
-            dist.all_reduce(v)
-        n, s1, s2 = (v.cpu() for v in (n, s1, s2))
-    mu = s1 / n
-    return mu.numpy(), ((s2 - n * torch.outer(mu, mu)) / (n - 1)).numpy()
-
-
-class InceptionFeatures:
-    """clean-fid's Inception pool features (2048) of uint8 images, in its `legacy_tensorflow` or `clean` mode."""
-
-    def __init__(self, mode, device):
-        from cleanfid import downloads_helper
-        from cleanfid.inception_torchscript import InceptionV3W
-        from cleanfid.resize import build_resizer
-        if mode not in ("legacy_tensorflow", "clean"):
-            raise UsageError(f"unknown FID mode {mode!r}: use legacy_tensorflow (the paper's) or clean")
-        try:
-            downloads_helper.check_download_inception(INCEPTION_DIR)
-            model = InceptionV3W(INCEPTION_DIR, download=False, resize_inside=mode == "legacy_tensorflow")
-        except Exception:
-            raise UsageError(f"clean-fid's Inception weights are missing and could not be downloaded: put "
-                             f"{INCEPTION_FILE} ({downloads_helper.inception_url}) into {INCEPTION_DIR}") from None
-        self.model, self.device, self.mode = model.to(device).eval(), device, mode
-        self.resize = None if mode == "legacy_tensorflow" else build_resizer(mode)
-        self.name = f"inception-{mode}"
-
-    @torch.no_grad()
-    def __call__(self, images):
-        images = images.expand(-1, 3, -1, -1)  # grey images as RGB
-        if self.resize is not None:  # clean-fid resizes each image on the CPU, in float (PIL bicubic)
-            images = torch.stack([torch.from_numpy(self.resize(im.permute(1, 2, 0).cpu().numpy())).permute(2, 0, 1)
-                                  for im in images])
-        return self.model(images.to(self.device)).cpu().numpy()
-
-
-class NetworkFeatures:
-    """Offline features: a realuid UNet's middle block at t = 1 (the data end), averaged over space.
-
-    For small or private data with no Inception at hand; its numbers are comparable only among themselves.
-    """
-
-    def __init__(self, path, device, image_size):
-        net, ckpt = load_field(path, "feature network", image_size=image_size)
-        if not hasattr(net, "input_blocks") or getattr(net, "num_classes", None) is not None:
-            raise UsageError(f"--features {path} must be an unconditional image network (a UNet teacher.pt)")
-        self.net, self.device = net.to(device).eval(), device
-        self.channels = ckpt["field"]["in_channels"]
-        st = os.stat(path)
-        self.name = f"net-{os.path.abspath(path)}-{st.st_size}-{st.st_mtime_ns}"
-
-    @torch.no_grad()
-    def __call__(self, images):
-        if images.shape[1] != self.channels:
-            raise UsageError(f"the feature network takes {self.channels}-channel images, these have "
-                             f"{images.shape[1]}")
-        x = images.to(self.device).float() / 127.5 - 1
-        return self.net.encode(torch.ones(len(x), device=self.device), x).mean((2, 3)).cpu().numpy()
-
-
-def real_images(data, batch_size=500):
-    """uint8 N x C x H x W batches of a data set as the generator sees it (resized, cropped; no flips)."""
-    if data.files is None:
-        yield from data.x.split(batch_size)
-        return
-    loader = torch.utils.data.DataLoader(ImageFiles(data.files, data.resolution), batch_size=batch_size)
-    yield from (x for x, _ in loader)
-
-
-class FID:
-    """The features and the reference statistics, prepared once; then FID(net, n, seed) per network.
-
-    ref: "cifar10" with Inception features takes clean-fid's precomputed CIFAR-10 train statistics (the
-    paper's protocol); a .npz holds mu and sigma; anything else names images as --dataset takes them, whose
-    statistics are computed once and cached in cache_dir.
-    """
-
-    def __init__(self, ref, features, mode, shape, device, cache_dir, load=None, batch_size=500, bf16=False,
-                 ranks=None):
-        mode = mode if mode != "auto" else "legacy_tensorflow" if ref == "cifar10" else "clean"
-        self.shape, self.device, self.batch_size, self.bf16 = tuple(shape), device, batch_size, bf16
-        self.ranks = ranks or Ranks()
-        reference = None  # precomputed statistics are read first: a missing download fails before any work
-        if ref == "cifar10" and features == "inception":
-            if self.shape != (3, 32, 32):
-                raise UsageError(f"clean-fid's CIFAR-10 statistics are for 3x32x32 images, the generator makes "
-                                 f"{'x'.join(map(str, self.shape))}")
-            reference = (*clean_fid_statistics("cifar10", 32, mode, "train"),
-                         f"clean-fid {mode}, CIFAR-10 train statistics")
-        elif ref.endswith(".npz"):
-            reference = (*read_statistics(ref), ref)
-        self.extract = (InceptionFeatures(mode, device) if features == "inception"
-                        else NetworkFeatures(features, device, shape[-1]))
-        self.mu, self.sigma, self.ref = reference or self.data_statistics(ref, load, cache_dir)
-        self.describe = f"{'Inception, ' + mode if features == 'inception' else 'features of ' + features}; " \
-                        f"reference {self.ref}"
-
-    def data_statistics(self, ref, load, cache_dir):
-        data = load(ref)
-        if data.kind != "image" or tuple(data.shape()) != self.shape:
-            raise UsageError(f"the FID reference {ref} holds {'x'.join(map(str, data.shape()))} "
-                             f"{'images' if data.kind == 'image' else 'points'}, but the generator makes "
-                             f"{'x'.join(map(str, self.shape))} images")
-        key = hashlib.sha1(json.dumps([os.path.abspath(ref) if os.path.exists(ref) else ref, list(self.shape),
-                                       len(data), self.extract.name]).encode()).hexdigest()[:12]
-        path = os.path.join(cache_dir, f"fid-reference-{key}.npz")
-        if os.path.isfile(path):
-            mu, sigma = read_statistics(path)
-        else:
-            from tqdm import tqdm
-            batches = tqdm(real_images(data, self.batch_size), desc=f"FID reference: {len(data)} images",
-                           total=math.ceil(len(data) / self.batch_size), unit="batch", disable=None, leave=False)
-            mu, sigma = statistics(np.concatenate([self.extract(x) for x in batches]))
-            os.makedirs(cache_dir, exist_ok=True)
-            save_checkpoint(dict(mu=mu, sigma=sigma, n=len(data), ref=ref), path,
-                            write=lambda arrays, f: np.savez(f, **arrays))
-        return mu, sigma, f"{ref} ({len(data)} images; statistics cached in {path})"
-
-    def features(self, net, n, seed, steps=None, num_classes=None, matching=None):
-        """Features of n generated images; under torchrun this rank's share of them, from its own seed."""
-        r = self.ranks
-        n = n // r.world + (r.rank < n % r.world)
-        return np.concatenate([self.extract(to_uint8(x)) for x in generate(
-            net, n, self.shape, self.device, steps, num_classes, seed * r.world + r.rank, self.batch_size, self.bf16,
-            progress=f"FID: {n} samples" if r.main else None, matching=matching)])
-
-    def __call__(self, net, n, seed=0, steps=None, num_classes=None, matching=None):
-        features = self.features(net, n, seed, steps, num_classes, matching)
-        return frechet_distance(*statistics(features, self.ranks), self.mu, self.sigma)
-
-
-def clean_fid_statistics(name, res, mode, split):
-    from cleanfid import features
-    folder = os.path.join(os.path.dirname(features.__file__), "stats")
-    try:
-        return features.get_reference_statistics(name, res, mode=mode, split=split)
-    except Exception:
-        raise UsageError(f"clean-fid's reference statistics are missing and could not be downloaded: put "
-                         f"{name}_{mode}_{split}_{res}.npz into {folder}") from None
-
-
-def read_statistics(path):
-    try:
-        with np.load(path) as z:
-            return z["mu"], z["sigma"]
-    except (OSError, KeyError, ValueError) as e:
-        raise UsageError(f"{path} is not a .npz of FID statistics with mu and sigma ({e})") from None
-
-
-def load_reference_data(cfg_values):
-    """A loader of FID reference images given as --dataset takes them, at the training run's resolution."""
-    def load(ref):
-        return load_data(make_config(Config, dict(cfg_values, dataset=ref, cond=False)))
-    return load
-
-
-# =============================================================================
-# Model selection during training (--fid-every)
-# =============================================================================
-
-class ModelSelection:
-    """Scores the generator and every EMA; keeps best-<net>.pt (best-generator.pt, best-0.999.pt, ...) holding
-    the weights with the lowest score so far. Images: FID; low-dim data: W2 to the held-out points."""
-
-    def __init__(self, cfg, data, out, device, meta, matching=None, resumed=False, ranks=None):
-        self.cfg, self.out, self.meta, self.device, self.ranks = cfg, out, meta, device, ranks or Ranks()
-        self.shape, self.num_classes = tuple(data.shape()), data.num_classes
-        if data.kind == "lowdim":
-            self.metric, held = "w2", HeldOut(data, matching, device, cfg.seed)
-            self.score = lambda net: w2_distance(held.sample(net), held.real)
-        else:
-            self.metric = "fid"
-            ref = cfg.fid_ref or ("cifar10" if cfg.dataset == "cifar10" else cfg.dataset)
-            load = load_reference_data(dict(resolution=data.shape()[-1], data_root=cfg.data_root))
-            fid = FID(ref, cfg.fid_features, "auto", self.shape, device, out,
-                      lambda r: data if r == cfg.dataset else load(r), ranks=self.ranks)
-            if self.ranks.main:
-                print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
-            self.score = lambda net: fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching)
-        self.best = {}  # a fresh run overwrites older best files; a resumed one keeps its best scores
-        for name in os.listdir(out) if resumed else []:
-            if name.startswith("best-") and name.endswith(".pt"):
-                self.best[name[5:-3]] = load_checkpoint(os.path.join(out, name))["score"]
-
-    def __call__(self, state, step):
-        """Scores on every rank (FID generation is split across them); rank 0 keeps the files. W2 is rank 0's."""
-        if self.metric == "w2" and not self.ranks.main:
-            return {}
-        nets = {"generator": state.generator.g, **{str(d): net for d, net in state.ema.items()}}
-        row = {}
-        for name, net in nets.items():
-            row[f"{self.metric}/{name}"] = value = self.score(net)
-            if value < self.best.get(name, math.inf) and self.ranks.main:
-                try:
-                    save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(self.cfg), **self.meta,
-                                         step=step, metric=self.metric, score=value, generator=net.state_dict()),
-                                    os.path.join(self.out, f"best-{name}.pt"))
-                    self.best[name] = value
-                except OSError as e:  # a full disk: the previous best file stays; training goes on
-                    print(f"realuid.py: warning: could not write best-{name}.pt ({e.strerror or e})", file=sys.stderr)
-        return row
-
-    def summary(self):
-        return ", ".join(f"best-{name}.pt {self.metric} {value:.4f}" for name, value in sorted(self.best.items()))
+from realuid import (TEACHER_RECIPES, Config, RealUID, TeacherConfig, UNet, build_field, generate, load_field,
+                     main as realuid_main, matching_model, read_field_checkpoint, realuid_generator_loss, realum_loss,
+                     sample_field, teacher_step, train_teacher)
+from runtime import (DATA_FIELDS, FID, PRECISIONS, VERSION, Parser, UsageError, config_dict, count_parameters, fail,
+                     latest_checkpoint, load_checkpoint, load_data, load_reference_data, make_config, pyplot, refusing,
+                     resolve_device, save_checkpoint, save_grid, set_precision, to_data_units, to_uint8, use_bf16)
 
 
 # =============================================================================
@@ -575,7 +197,7 @@ def bench_state(spec, device, precision="fp32", habits=None, channels_last=False
             net.compile()
     config = Config(precision=precision, **cfg)
     if not habits:
-        return RealUID(config, teacher, fake, g, fake_spec=spec)
+        return RealUID(config, teacher, fake, g, fake_spec=spec, bf16=use_bf16(precision, device, spec))
     return StraightforwardRealUID(config, teacher, fake, g, fake_spec=spec, habits=habits)
 
 
@@ -635,7 +257,6 @@ def bench_input(spec, batch, device):
 def bench(spec, device, batch, precision="auto", K=5, warmup=2, repeats=10, budget=30.0, base=None, log=print):
     """Rows of (what, implementation, median ms, images/s, peak memory) for the straightforward loop, the
     optimised one in fp32 and, where --precision makes it bf16, the optimised one in bf16."""
-    from teacher import teacher_step
     x = bench_input(spec, batch, device)
     impls = [("straightforward", HABITS, "fp32"), ("optimised fp32", None, "fp32")]
     if use_bf16(precision, device, spec):
@@ -690,13 +311,6 @@ def ladder(spec, device, batch, K=5, warmup=2, repeats=10, budget=30.0, compile=
 # The paper's claims at laptop scale (eval.py reproduce): 1D Gaussians in closed form,
 # then trained runs on the 2D data and on digits
 # =============================================================================
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
 
 def fm_field_1d(t, x, mu, s=1.0):
     """The marginal field of flow matching from N(0, 1) noise at t = 0 to N(mu, s^2) data at t = 1."""
@@ -809,7 +423,6 @@ def distill_run(argv, out):
     metrics.jsonl rows and the closing results (low-dim data)."""
     import contextlib
     import shutil
-    from realuid import main as realuid_main
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     with open(os.path.join(out, "log.txt"), "w") as log, contextlib.redirect_stdout(log), \
@@ -872,10 +485,9 @@ def generated_mean(folder, data, n=2000, ema=REPRO_EMA):
 def train_teacher_once(cfg, data, path):
     """The teacher file at path, trained unless one with this very configuration is there (--quick and the
     default share the output folder but not their teachers)."""
-    import teacher as teacher_py
     if not os.path.isfile(path) or load_checkpoint(path).get("config") != config_dict(cfg):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        teacher_py.train_teacher(cfg, data, torch.device("cpu"), path)
+        train_teacher(cfg, data, torch.device("cpu"), path)
     return path
 
 
@@ -891,7 +503,6 @@ def markdown_table(header, rows):
 
 def cmd_reproduce(args):
     import dataclasses
-    import teacher as teacher_py
     plan = REPRODUCE["quick" if args.quick else "default"]
     seeds = list(range(args.seeds or plan["seeds"]))
     if min(seeds, default=-1) < 0:
@@ -918,8 +529,8 @@ def cmd_reproduce(args):
 
     # 2D: Table 1's grid and Figure 2's convergence, W2 of an EMA to held-out points
     data = load_data(make_config(Config, dict(dataset="8gaussians")))
-    lowdim = dict(teacher_py.TEACHER_RECIPES["lowdim"], steps=plan["teacher_steps"])
-    teacher = train_teacher_once(make_config(teacher_py.TeacherConfig, dict(dataset="8gaussians"), lowdim), data,
+    lowdim = dict(TEACHER_RECIPES["lowdim"], steps=plan["teacher_steps"])
+    teacher = train_teacher_once(make_config(TeacherConfig, dict(dataset="8gaussians"), lowdim), data,
                                  os.path.join(out, "2d", "teacher.pt"))
     lowdim_flags = ["--steps", str(plan["steps"]), "--batch-size", str(plan["batch"]), "--eval-samples",
                     str(plan["eval_samples"]), "--ema", "0.95", "0.99"]
@@ -937,8 +548,8 @@ def cmd_reproduce(args):
     # digits 8x8: a small teacher, the alpha = 0.94 row, UID + GAN; FID on the teacher's own features
     digits = load_data(make_config(Config, dict(dataset="digits", resolution=8)))
     dteacher = train_teacher_once(make_config(
-        teacher_py.TeacherConfig, dict(dataset="digits", resolution=8, steps=plan["digits_teacher_steps"],
-                                       sample_steps=0), teacher_py.TEACHER_RECIPES["digits"]),
+        TeacherConfig, dict(dataset="digits", resolution=8, steps=plan["digits_teacher_steps"],
+                                       sample_steps=0), TEACHER_RECIPES["digits"]),
         digits, os.path.join(out, "digits", "teacher.pt"))
     common = ["--dataset", "digits", "--resolution", "8", "--teacher", dteacher, "--fid-features", dteacher,
               "--steps", str(plan["digits_steps"]), "--batch-size", str(plan["digits_batch"]),
@@ -967,7 +578,7 @@ def cmd_reproduce(args):
     # teacher correction, trained: a 2D teacher fitted to data shifted along x
     shift = torch.zeros(data.x.shape[1])
     shift[0] = plan["shift"]
-    wrong = train_teacher_once(make_config(teacher_py.TeacherConfig, dict(dataset="8gaussians"), lowdim),
+    wrong = train_teacher_once(make_config(TeacherConfig, dict(dataset="8gaussians"), lowdim),
                                dataclasses.replace(data, x=data.x + shift), os.path.join(out, "shifted", "teacher.pt"))
     wrong_net, _ = load_field(wrong, "teacher")
     teacher_mean = to_data_units(sample_field(wrong_net, 2000, tuple(data.shape()), torch.device("cpu"), steps=100,
@@ -1007,7 +618,8 @@ def load_net(args):
     net, ckpt = load_field(path, "checkpoint", args.ema,
                            **(dict(image_size=args.resolution) if args.resolution else {}))
     steps = None if ckpt.get("kind") == "generator" else (getattr(args, "steps", None) or 100)
-    return path, net, ckpt, steps, matching_model(ckpt.get("matching"))
+    with refusing():
+        return path, net, ckpt, steps, matching_model(ckpt.get("matching"))
 
 
 def cmd_efficiency(args):
@@ -1103,10 +715,9 @@ def cmd_fid(args):
     ref = args.ref or ("cifar10" if config.get("dataset") == "cifar10" else config.get("dataset", ""))
     if not ref:
         raise UsageError(f"{path} does not name its data set: pass --ref")
-    load = load_reference_data(dict(resolution=info["shape"][-1], data_root=args.data_root
-                                    or config.get("data_root", "data")))
+    load = load_reference_data(info["shape"][-1], args.data_root or config.get("data_root", "data"))
     fid = FID(ref, args.features, args.mode, info["shape"], device, os.path.dirname(os.path.abspath(path)), load,
-              args.batch_size, args.bf16)
+              args.batch_size, args.bf16, generate=generate, load_field=load_field)
     what = "one-step generator" if steps is None else f"teacher, {steps} sampler steps"
     print(f"FID of {path} ({what}), {args.n} samples x {args.repeats}: {fid.describe}")
     scores = [fid(net, args.n, args.seed + r, steps, info.get("num_classes"), matching)

@@ -4,6 +4,7 @@
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import eval as eval_py
 import realuid as R
+import runtime as RT
 import teacher as teacher_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -213,7 +215,7 @@ def test_coefficients_outside_the_allowed_range_are_refused(alpha, beta):
     if allowed:
         R.check_coefficients(alpha, beta)
     else:
-        with pytest.raises(R.UsageError, match=r"\(0, 1\]"):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
             R.check_coefficients(alpha, beta)
 
 
@@ -359,7 +361,7 @@ def test_general_realuid_refuses_an_unbounded_fake_objective(alpha, beta, gamma)
     if bounded:
         R.check_coefficients(alpha, beta, gamma)  # alpha = 1 with beta != 1 is admissible here
     else:
-        with pytest.raises(R.UsageError, match="unbounded"):
+        with pytest.raises(ValueError, match="unbounded"):
             R.check_coefficients(alpha, beta, gamma)
 
 
@@ -535,9 +537,9 @@ def test_dmd_refuses_alpha_not_beta(capsys, tmp_path):
 def test_general_realuid_with_gamma_alpha_trains_like_realuid():
     def run(gamma):
         state, _ = tiny_state(alpha=0.9, beta=0.95, K=2, seed=5, steps=12)
-        state.cfg = R.dataclasses.replace(state.cfg, gamma=gamma)
+        state.cfg = dataclasses.replace(state.cfg, gamma=gamma)
         torch.manual_seed(5)
-        R.distill(state, R.batches(R.Data(x=torch.randn(200, 2) + 1), 32, "cpu"))
+        R.distill(state, RT.batches(RT.Data(x=torch.randn(200, 2) + 1), 32, "cpu"))
         return state.generator.state_dict(), state.fake.state_dict()
     (g1, f1), (g2, f2) = run(None), run(0.9)
     for a, b in ((g1, g2), (f1, f2)):
@@ -550,10 +552,10 @@ def test_general_realuid_with_gamma_alpha_trains_like_realuid():
 @pytest.mark.parametrize("flags", [["--gamma", "0.5", "--parameterization", "beta"], ["--alpha-sid", "1.2"],
                                    ["--alpha", "1", "--beta", "0.9", "--gamma", "0.5"], ["--normalized"],
                                    ["--gan", "--lambda-gen", "0.5"], ["--dmd", "--alpha", "0.9", "--beta", "0.9"]])
-def test_variants_run_end_to_end_on_2d(flags, toy_run, tmp_path):
-    assert R.main(["--teacher", str(toy_run / "teacher.pt"), "--steps", "24", "--eval-samples", "500",
+def test_variants_run_end_to_end_on_2d(flags, tiny_run, tmp_path):
+    assert R.main(["--teacher", str(tiny_run / "teacher.pt"), "--steps", "24", "--eval-samples", "500",
                    "--out", str(tmp_path)] + flags) == 0
-    ckpt = torch.load(R.latest_checkpoint(str(tmp_path)), weights_only=True)
+    ckpt = torch.load(RT.latest_checkpoint(str(tmp_path)), weights_only=True)
     assert ckpt["step"] == 24 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
     args = json.load(open(tmp_path / "arguments.json"))
     for i, flag in enumerate(flags):
@@ -581,7 +583,7 @@ def digits_teacher(tmp_path_factory):
 def test_every_variant_runs_on_digits(flags, digits_teacher, tmp_path):
     assert R.main(["--dataset", "digits", "--cond", "--teacher", str(digits_teacher), "--steps", "6", "--K", "2",
                    "--batch-size", "8", "--out", str(tmp_path)] + flags) == 0
-    ckpt = torch.load(R.latest_checkpoint(str(tmp_path)), weights_only=True)
+    ckpt = torch.load(RT.latest_checkpoint(str(tmp_path)), weights_only=True)
     assert ckpt["step"] == 6 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
     assert ("disc" in ckpt) == ("--gan" in flags)
 
@@ -636,7 +638,7 @@ def test_ema_warmup_and_k_to_1_schedule():
         step = getattr(state, name)
         setattr(state, name, lambda *a, step=step, name=name: (calls.append(name[0].upper()), step(*a))[1])
     ema_before = {d: [p.clone() for p in net.parameters()] for d, net in state.ema.items()}
-    R.distill(state, R.batches(R.Data(x=torch.randn(100, 2)), 16, "cpu"))
+    R.distill(state, RT.batches(RT.Data(x=torch.randn(100, 2)), 16, "cpu"))
     assert "".join(calls) == "FFFGFFFG" and state.step == 8
     # EMA: e <- d e + (1 - d) p after each generator update; check one update by hand
     net = R.MLPField(2, 8, 2)
@@ -664,8 +666,8 @@ def test_same_seed_same_weights_on_cpu():
     def run(seed):
         state, k = tiny_state(seed=seed, cond=True, steps=20)
         torch.manual_seed(3)
-        data = R.Data(x=torch.randn(200, 2), y=torch.randint(3, (200,)), num_classes=3)
-        R.distill(state, R.batches(data, 32, "cpu", seed=seed))
+        data = RT.Data(x=torch.randn(200, 2), y=torch.randint(3, (200,)), num_classes=3)
+        R.distill(state, RT.batches(data, 32, "cpu", seed=seed))
         return state.generator.state_dict()
     a, b, c = run(3), run(3), run(4)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -677,13 +679,23 @@ def test_same_seed_same_weights_on_cpu():
 # =============================================================================
 
 @pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The default 2D run in seconds (a 300-update teacher, 30 updates): files to read, refuse and resume."""
+    out = tmp_path_factory.mktemp("tiny")
+    assert R.main(["--out", str(out), "--teacher-steps", "300", "--steps", "30", "--eval-samples", "300"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
+    """The default 2D run, long enough to judge quality."""
     out = tmp_path_factory.mktemp("toy")
     rc = R.main(["--out", str(out), "--teacher-steps", "2000", "--steps", "1500", "--seed", "0"])
     assert rc == 0
     return out
 
 
+@pytest.mark.slow
 def test_distillation_on_2d_beats_the_teachers_one_step(toy_run):
     results = json.load(open(toy_run / "results.json"))
     one_step_teacher = results["teacher, 1 step"]["w2"]
@@ -696,8 +708,9 @@ def test_distillation_on_2d_beats_the_teachers_one_step(toy_run):
     assert lines[-1]["step"] == 1500 and "fake_loss" in lines[-1]
 
 
+@pytest.mark.slow
 def test_checkpoints_reload_and_sample(toy_run, tmp_path):
-    ckpt = torch.load(R.latest_checkpoint(str(toy_run)), weights_only=True)
+    ckpt = torch.load(RT.latest_checkpoint(str(toy_run)), weights_only=True)
     assert ckpt["kind"] == "generator" and ckpt["step"] == 1500 and set(ckpt["ema"]) == {"0.95", "0.99", "0.995"}
     assert ckpt["config"]["alpha"] == 0.92 and ckpt["data"]["shape"] == [2]
     out = tmp_path / "s.npy"
@@ -715,10 +728,10 @@ def test_checkpoints_reload_and_sample(toy_run, tmp_path):
 def test_w2_and_energy_distance_closed_forms():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 2))
-    assert eval_py.w2_distance(x, x + [3.0, 4.0]) == pytest.approx(5.0)  # a shift moves every point by 5
-    assert eval_py.w2_distance(x, x[::-1]) == pytest.approx(0.0)
-    assert eval_py.energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
-    assert eval_py.energy_distance(x, x + 3.0) > 1.0
+    assert RT.w2_distance(x, x + [3.0, 4.0]) == pytest.approx(5.0)  # a shift moves every point by 5
+    assert RT.w2_distance(x, x[::-1]) == pytest.approx(0.0)
+    assert RT.energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert RT.energy_distance(x, x + 3.0) > 1.0
 
 
 # =============================================================================
@@ -738,16 +751,16 @@ def test_cli_refuses_coefficients(alpha, beta, capsys, tmp_path):
     assert "(0, 1]" in err and "beta = 1" in err
 
 
-def test_cli_refuses_missing_and_mismatched_checkpoints(capsys, tmp_path, toy_run):
+def test_cli_refuses_missing_and_mismatched_checkpoints(capsys, tmp_path, tiny_run):
     err = error_of(R.main, ["--teacher", str(tmp_path / "nope.pt"), "--out", str(tmp_path)], capsys)
     assert "does not exist" in err
     # a teacher trained on 2D data, given 3D data
     np.save(tmp_path / "d3.npy", np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32))
-    err = error_of(R.main, ["--dataset", str(tmp_path / "d3.npy"), "--teacher", str(toy_run / "teacher.pt"),
+    err = error_of(R.main, ["--dataset", str(tmp_path / "d3.npy"), "--teacher", str(tiny_run / "teacher.pt"),
                             "--batch-size", "32", "--out", str(tmp_path)], capsys)
     assert "shape [2]" in err and "[3]" in err
     # weights that do not fit the network the checkpoint describes
-    ckpt = torch.load(toy_run / "teacher.pt", weights_only=True)
+    ckpt = torch.load(tiny_run / "teacher.pt", weights_only=True)
     ckpt["ema"] = {k: {n: v for n, v in sd.items() if not n.startswith("out.")} for k, sd in ckpt["ema"].items()}
     ckpt["ema"]["0.999"]["extra.weight"] = torch.zeros(1)
     torch.save(ckpt, tmp_path / "broken.pt")
@@ -759,7 +772,7 @@ def test_cli_refuses_missing_and_mismatched_checkpoints(capsys, tmp_path, toy_ru
     assert "could not be read" in err
     err = error_of(eval_py.main, ["sample", str(tmp_path / "nope.pt")], capsys)
     assert "does not exist" in err
-    err = error_of(eval_py.main, ["sample", str(toy_run), "--ema", "0.5"], capsys)
+    err = error_of(eval_py.main, ["sample", str(tiny_run), "--ema", "0.5"], capsys)
     assert "holds no EMA 0.5" in err
 
 
@@ -815,6 +828,83 @@ def test_import_is_cheap_and_silent_and_bad_input_prints_no_traceback(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "alpha" in out.stderr
 
 
+def refused_as_a_script(tmp_path, script, *args, code=2):
+    """Run `python SCRIPT ARGS` as a user would, from an empty folder: one `SCRIPT: error:` line on stderr, the
+    exit code, no traceback, and nothing left behind (no output folder, no runs/, no data/)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(parents=True)
+    out = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == code and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), out.stderr[-2000:]
+    assert os.listdir(cwd) == [], os.listdir(cwd)
+    return lines[0]
+
+
+def test_refusals_raised_in_another_module_are_one_line_as_scripts_too(tmp_path, digits_features):
+    # Run as `python realuid.py`, realuid is __main__: a refusal raised in runtime.py or in realuid's teacher
+    # interface must be the class main catches (once realuid was loaded twice and these printed tracebacks).
+    err = refused_as_a_script(tmp_path / "a", "realuid.py", "--model", "bridge", "--teacher-steps", "5", "--steps",
+                              "2", "--out", "X")
+    assert "data-to-data pairs" in err
+    err = refused_as_a_script(tmp_path / "b", "realuid.py", "--dataset", "cifar10")  # offline: no download
+    assert "cifar-10-batches-py" in err and "data" in err
+    err = refused_as_a_script(tmp_path / "c", "realuid.py", "--dataset", "digits", "--teacher", digits_features,
+                              "--steps", "2", "--fid-every", "1", "--fid-ref", str(tmp_path / "missing.npz"))
+    assert "missing.npz" in err
+    err = refused_as_a_script(tmp_path / "d", "teacher.py", "--model", "si", "--steps", "2")
+    assert "data-to-data pairs" in err
+    err = refused_as_a_script(tmp_path / "e", "eval.py", "sample", str(tmp_path / "nowhere.pt"), "--n", "2")
+    assert "nowhere.pt does not exist" in err
+
+
+def test_a_teacher_trained_on_the_spot_that_diverges_is_one_line_exit_1_as_a_script(tmp_path):
+    # float32 overflows in the standardisation of these points: the teacher's loss is nan from its first update
+    np.save(tmp_path / "huge.npy", np.full((64, 2), 3e38, np.float32) * np.array([1, -1], np.float32))
+    err = refused_as_a_script(tmp_path, "realuid.py", "--dataset", str(tmp_path / "huge.npy"), "--teacher-steps",
+                              "5", "--steps", "2", "--eval-samples", "8", "--batch-size", "16", code=1)
+    assert "the teacher's loss is nan" in err and "no checkpoint was saved" in err
+
+
+def test_the_method_block_runs_on_its_own_with_torch_alone():
+    # README's promise: from the networks to the loop, realuid.py is one block that depends on torch alone
+    src = open(os.path.join(HERE, "realuid.py")).read()
+    block = src[src.index("# Networks:"):src.index("# Sampling")]
+    method = {}
+    exec("import copy, math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n" + block, method)
+    import ast
+    import builtins
+    tree = ast.parse(block)
+    bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    bound |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)} | set(method) | set(dir(builtins))
+    bound |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} <= bound  # no name from outside the block
+    cfg = R.Config(alpha=0.9, beta=0.95, K=2, lr=1e-3, steps=9, warmup=2, ema=(0.9,))
+    weights = []
+    for m in (method, vars(R)):  # the copied block and the module: the same training, bit for bit
+        torch.manual_seed(0)
+        teacher = m["MLPField"](2, 16, 2)
+        state = m["RealUID"](cfg, teacher, m["MLPField"](2, 16, 2), copy.deepcopy(teacher))
+        data = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+        m["distill"](state, iter([(data[i:i + 16], None) for i in range(0, 64, 16)] * 3))
+        weights.append(state.generator.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_imports_form_a_dag_function_level_imports_included():
+    # runtime <- realuid <- teacher, eval: a cycle would load `python realuid.py` twice (as __main__ and realuid)
+    import ast
+    edges = {}
+    for name in ("runtime", "realuid", "teacher", "eval"):
+        tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
+        found = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        found |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        edges[name] = found & {"runtime", "realuid", "teacher", "eval"}
+    assert edges == {"runtime": set(), "realuid": {"runtime"}, "teacher": {"realuid", "runtime"},
+                     "eval": {"realuid", "runtime"}}
+
+
 # =============================================================================
 # Image data: a stand-in CIFAR-10 on disk, image folders, uint8 arrays, digits
 # =============================================================================
@@ -842,16 +932,16 @@ def cifar_root(tmp_path_factory):
 
 def test_cifar10_loads_torchvisions_format_pixel_for_pixel(cifar_root):
     import pickle
-    x, y = R.load_cifar10(str(cifar_root))
+    x, y = RT.load_cifar10(str(cifar_root))
     with open(cifar_root / "cifar-10-batches-py" / "data_batch_2", "rb") as f:
         batch = pickle.load(f)
     assert x.shape == (40, 3, 32, 32) and x.dtype == torch.uint8 and y.shape == (40,)
     # row i of the pickled batch is channel-major 3 x 32 x 32
     assert torch.equal(x[8], torch.from_numpy(batch["data"][0].reshape(3, 32, 32)))
     assert y[8].item() == batch["labels"][0]
-    data = R.load_data(R.Config(dataset="cifar10", data_root=str(cifar_root)))
+    data = RT.load_data(R.Config(dataset="cifar10", data_root=str(cifar_root)))
     assert data.flip and data.kind == "image" and data.shape() == [3, 32, 32]
-    xb, _ = next(R.batches(data, 16, torch.device("cpu")))
+    xb, _ = next(RT.batches(data, 16, torch.device("cpu")))
     assert xb.min() >= -1 and xb.max() <= 1 and xb.dtype == torch.float32
 
 
@@ -876,7 +966,7 @@ def test_teacher_and_distillation_on_stand_in_cifar10_conditional(cifar_root, tm
     assert R.main(["--dataset", "cifar10", "--data-root", str(cifar_root), "--cond", "--teacher",
                    str(out / "teacher.pt"), "--steps", "6", "--K", "2", "--batch-size", "8", "--sample-every", "3",
                    "--out", str(run)]) == 0
-    final = torch.load(R.latest_checkpoint(str(run)), weights_only=True)
+    final = torch.load(RT.latest_checkpoint(str(run)), weights_only=True)
     assert final["step"] == 6 and final["field"]["dropout"] == 0.0  # no dropout in G and the fake model
     assert json.load(open(run / "arguments.json"))["lr"] == 3e-5  # image data: the paper's recipe
     grids = sorted(os.listdir(run / "samples"))
@@ -891,9 +981,9 @@ def test_image_folder_and_uint8_npy(tmp_path):
     for i, size in enumerate([(40, 30), (20, 20), (64, 48)] * 4):
         Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    data = R.load_data(R.Config(dataset=str(tmp_path / "faces"), resolution=16))
+    data = RT.load_data(R.Config(dataset=str(tmp_path / "faces"), resolution=16))
     assert len(data) == 12 and data.shape() == [3, 16, 16] and data.flip
-    xb, _ = next(R.batches(data, 4, torch.device("cpu"), workers=0))
+    xb, _ = next(RT.batches(data, 4, torch.device("cpu"), workers=0))
     assert xb.shape == (4, 3, 16, 16) and -1 <= xb.min() and xb.max() <= 1
     out = tmp_path / "t"
     assert teacher_py.main(["--dataset", str(tmp_path / "faces"), "--resolution", "16", "--steps", "2",
@@ -902,14 +992,14 @@ def test_image_folder_and_uint8_npy(tmp_path):
                    "--steps", "3", "--K", "2", "--batch-size", "4", "--workers", "2", "--out", str(tmp_path / "d")]) == 0
     # N x H x W x C uint8 arrays are images too; a single channel stays single
     np.save(tmp_path / "gray.npy", rng.integers(0, 256, (10, 8, 8, 1), dtype=np.uint8))
-    data = R.load_data(R.Config(dataset=str(tmp_path / "gray.npy")))
+    data = RT.load_data(R.Config(dataset=str(tmp_path / "gray.npy")))
     assert data.kind == "image" and data.shape() == [1, 8, 8]
 
 
 def test_digits_ship_with_scikit_learn():
-    data = R.load_data(R.Config(dataset="digits", cond=True))
+    data = RT.load_data(R.Config(dataset="digits", cond=True))
     assert len(data) == 1797 and data.shape() == [1, 16, 16] and data.num_classes == 10 and not data.flip
-    assert R.load_data(R.Config(dataset="digits", resolution=32)).shape() == [1, 32, 32]
+    assert RT.load_data(R.Config(dataset="digits", resolution=32)).shape() == [1, 32, 32]
     # the upsampled zero and one differ where an 8x8 zero and one differ: the strokes survive
     from sklearn.datasets import load_digits
     d = load_digits()
@@ -951,12 +1041,12 @@ def test_torchcfm_and_official_teacher_files_load_and_agree(tmp_path, capsys):
     assert spec == dict(type="unet", in_channels=3, image_size=32, channels=128, channel_mult=[1, 2, 2, 2],
                         num_res_blocks=2, attention_resolutions=[16], num_heads=4, num_head_channels=64,
                         dropout=0.0, num_classes=None)
-    with pytest.raises(R.UsageError, match="holds no EMA 0.5; it has 0.999, 0.9999"):
+    with pytest.raises(RT.UsageError, match="holds no EMA 0.5; it has 0.999, 0.9999"):
         R.load_field(str(tmp_path / "off.pt"), "teacher", 0.5, image_size=16)
     broken = {k: v for k, v in theirs.state_dict().items() if k != "out.2.bias"}
     broken["extra"] = torch.zeros(1)
     torch.save({"net_model": broken}, tmp_path / "broken.pt")
-    with pytest.raises(R.UsageError, match="missing out.2.bias; unexpected extra"):
+    with pytest.raises(RT.UsageError, match="missing out.2.bias; unexpected extra"):
         R.load_field(str(tmp_path / "broken.pt"), "teacher", image_size=16, num_head_channels=16)
 
 
@@ -971,36 +1061,36 @@ def safetensors_of(path):
         return {k: f.get_tensor(k) for k in f.keys()}, {k: json.loads(v) for k, v in f.metadata().items()}
 
 
-def test_export_writes_one_ema_bit_for_bit_with_its_metadata(toy_run, tmp_path, capsys):
+def test_export_writes_one_ema_bit_for_bit_with_its_metadata(tiny_run, tmp_path, capsys):
     out = tmp_path / "g.safetensors"
-    assert eval_py.main(["export", str(toy_run), "--ema", "0.99", "--out", str(out)]) == 0
+    assert eval_py.main(["export", str(tiny_run), "--ema", "0.99", "--out", str(out)]) == 0
     assert "ema 0.99 weights" in capsys.readouterr().out
     assert os.listdir(tmp_path) == ["g.safetensors"]  # written beside, then renamed: no temporary file left
-    ckpt = torch.load(R.latest_checkpoint(str(toy_run)), weights_only=True)
+    ckpt = torch.load(RT.latest_checkpoint(str(tiny_run)), weights_only=True)
     sd, meta = safetensors_of(out)
     ema = ckpt["ema"]["0.99"]
     assert sd.keys() == ema.keys() and all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ema.items())
     assert any(not torch.equal(sd[k], ckpt["generator"][k]) for k in sd)  # the EMA, not the raw generator
-    assert meta == dict(version=R.VERSION, kind="generator", weights="ema 0.99", field=ckpt["field"],
+    assert meta == dict(version=RT.VERSION, kind="generator", weights="ema 0.99", field=ckpt["field"],
                         data=ckpt["data"], matching=ckpt["matching"], config=ckpt["config"])
     spec, weights, back = R.read_field_checkpoint(str(out), "checkpoint")  # the dict shape of a checkpoint
     assert spec == ckpt["field"] and back["kind"] == "generator" and back["config"] == ckpt["config"]
     assert all(torch.equal(weights[k], v) for k, v in ema.items())
 
 
-def test_sample_from_safetensors_equals_sample_from_the_checkpoint(toy_run, tmp_path, capsys):
+def test_sample_from_safetensors_equals_sample_from_the_checkpoint(tiny_run, tmp_path, capsys):
     st, raw = tmp_path / "g.safetensors", tmp_path / "raw.safetensors"
-    assert eval_py.main(["export", str(toy_run), "--ema", "0.995", "--out", str(st)]) == 0
-    assert eval_py.main(["export", str(toy_run), "--out", str(raw)]) == 0  # the raw generator, as sample's default
+    assert eval_py.main(["export", str(tiny_run), "--ema", "0.995", "--out", str(st)]) == 0
+    assert eval_py.main(["export", str(tiny_run), "--out", str(raw)]) == 0  # the raw generator, as sample's default
 
     def sample(source, *flags):
         out = tmp_path / "s.npy"
         assert eval_py.main(["sample", str(source), "--n", "500", "--seed", "3", "--out", str(out), *flags]) == 0
         return np.load(out)
-    from_checkpoint = sample(toy_run, "--ema", "0.995")
+    from_checkpoint = sample(tiny_run, "--ema", "0.995")
     assert np.array_equal(sample(st, "--ema", "0.995"), from_checkpoint)
     assert np.array_equal(sample(st), from_checkpoint)  # the file holds that EMA only: --ema may be left out
-    assert np.array_equal(sample(raw), sample(toy_run))
+    assert np.array_equal(sample(raw), sample(tiny_run))
     assert not np.array_equal(sample(raw), from_checkpoint)
     assert "holds only the ema 0.995 weights, not EMA 0.99" in error_of(
         eval_py.main, ["sample", str(st), "--ema", "0.99"], capsys)
@@ -1008,15 +1098,15 @@ def test_sample_from_safetensors_equals_sample_from_the_checkpoint(toy_run, tmp_
         eval_py.main, ["sample", str(raw), "--ema", "0.995"], capsys)
 
 
-def test_safetensors_teacher_and_init_generator_distil_exactly_as_the_pt_files(toy_run, tmp_path):
+def test_safetensors_teacher_and_init_generator_distil_exactly_as_the_pt_files(tiny_run, tmp_path):
     teacher, g = tmp_path / "teacher.safetensors", tmp_path / "g.safetensors"
-    assert eval_py.main(["export", str(toy_run / "teacher.pt"), "--out", str(teacher)]) == 0
+    assert eval_py.main(["export", str(tiny_run / "teacher.pt"), "--out", str(teacher)]) == 0
     assert safetensors_of(teacher)[1]["weights"] == "ema 0.999"  # a teacher's default: its EMA, as sample takes
-    assert eval_py.main(["export", str(toy_run), "--ema", "0.99", "--out", str(g)]) == 0
+    assert eval_py.main(["export", str(tiny_run), "--ema", "0.99", "--out", str(g)]) == 0
     common = ["--steps", "6", "--fid-every", "0", "--eval-samples", "200"]  # 5 fake updates, 1 generator update
-    first = R.latest_checkpoint(str(toy_run))
-    for name, flags in (("pt", ["--teacher", str(toy_run / "teacher.pt")]), ("st", ["--teacher", str(teacher)]),
-                        ("ft-pt", ["--teacher", str(toy_run / "teacher.pt"), "--init-generator", first,
+    first = RT.latest_checkpoint(str(tiny_run))
+    for name, flags in (("pt", ["--teacher", str(tiny_run / "teacher.pt")]), ("st", ["--teacher", str(teacher)]),
+                        ("ft-pt", ["--teacher", str(tiny_run / "teacher.pt"), "--init-generator", first,
                                    "--init-ema", "0.99"]),
                         ("ft-st", ["--teacher", str(teacher), "--init-generator", str(g), "--init-ema", "0.99"])):
         assert R.main(common + flags + ["--out", str(tmp_path / name)]) == 0
@@ -1026,30 +1116,30 @@ def test_safetensors_teacher_and_init_generator_distil_exactly_as_the_pt_files(t
     assert any(not torch.equal(a[k], b[k]) for k in a)  # fine-tuning really started elsewhere
 
 
-def test_safetensors_without_our_metadata_are_refused(toy_run, tmp_path, capsys):
+def test_safetensors_without_our_metadata_are_refused(tiny_run, tmp_path, capsys):
     from safetensors.torch import save_file
     bare = str(tmp_path / "bare.safetensors")
-    save_file(torch.load(toy_run / "teacher.pt", weights_only=True)["ema"]["0.999"], bare)  # right weights, no metadata
+    save_file(torch.load(tiny_run / "teacher.pt", weights_only=True)["ema"]["0.999"], bare)  # right weights, no metadata
     for main, argv in ((eval_py.main, ["sample", bare]), (eval_py.main, ["export", bare, "--out", bare + "2"]),
                        (R.main, ["--teacher", bare, "--steps", "1", "--out", str(tmp_path)])):
         err = error_of(main, argv, capsys)
         assert "safetensors file without realuid's metadata" in err and "field" in err and "eval.py export" in err
     g = str(tmp_path / "g.safetensors")
-    assert eval_py.main(["export", str(toy_run), "--out", g]) == 0
+    assert eval_py.main(["export", str(tiny_run), "--out", g]) == 0
     assert "not a training checkpoint" in error_of(R.main, ["--resume", g], capsys)
 
 
-def test_safetensors_are_read_without_pickle(toy_run, tmp_path, monkeypatch):
+def test_safetensors_are_read_without_pickle(tiny_run, tmp_path, monkeypatch):
     import pickle
     st = tmp_path / "g.safetensors"
-    assert eval_py.main(["export", str(toy_run), "--ema", "0.99", "--out", str(st)]) == 0
+    assert eval_py.main(["export", str(tiny_run), "--ema", "0.99", "--out", str(st)]) == 0
 
     def refuse(*args, **kwargs):
         raise RuntimeError("unpickling")
     for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
         monkeypatch.setattr(module, name, refuse)
-    with pytest.raises(R.UsageError, match="unpickling"):  # the patch bites: a .pt file cannot be read now
-        R.load_field(str(toy_run / "teacher.pt"))
+    with pytest.raises(RT.UsageError, match="unpickling"):  # the patch bites: a .pt file cannot be read now
+        R.load_field(str(tiny_run / "teacher.pt"))
     net, ckpt = R.load_field(str(st), "checkpoint", 0.99)
     assert ckpt["kind"] == "generator" and R.count_parameters(net) > 0
     assert eval_py.main(["sample", str(st), "--n", "10", "--out", str(tmp_path / "s.npy")]) == 0
@@ -1060,7 +1150,7 @@ def test_safetensors_are_read_without_pickle(toy_run, tmp_path, monkeypatch):
 # =============================================================================
 
 def weights_of(path):
-    ckpt = torch.load(R.latest_checkpoint(str(path)), weights_only=True)
+    ckpt = torch.load(RT.latest_checkpoint(str(path)), weights_only=True)
     return {"generator": ckpt["generator"], "fake": ckpt["fake"], **{f"ema{k}": v for k, v in ckpt["ema"].items()},
             "step": ckpt["step"]}
 
@@ -1092,7 +1182,7 @@ def test_resume_continues_exactly(cifar_root, tmp_path):
 def test_ctrl_c_stops_at_an_update_boundary_with_a_checkpoint(tmp_path):
     import signal
     state, _ = tiny_state(steps=50)
-    data = R.batches(R.Data(x=torch.randn(100, 2)), 16, "cpu")
+    data = RT.batches(RT.Data(x=torch.randn(100, 2)), 16, "cpu")
 
     def interrupting():
         for i, batch in enumerate(data):
@@ -1100,37 +1190,38 @@ def test_ctrl_c_stops_at_an_update_boundary_with_a_checkpoint(tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)  # arrives during the fifth update
             yield batch
     before = signal.getsignal(signal.SIGINT)
-    assert R.distill(state, interrupting(), str(tmp_path)) == signal.SIGINT
+    assert RT.supervise(R.distill, state, interrupting(), str(tmp_path)) == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is before
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000005.pt", "metrics.jsonl"]
     assert torch.load(tmp_path / "checkpoint-00000005.pt", weights_only=True)["step"] == 5
 
 
-def test_resume_refuses_changed_settings(toy_run, capsys):
-    err = error_of(R.main, ["--resume", str(toy_run), "--alpha", "0.5"], capsys)
+def test_resume_refuses_changed_settings(tiny_run, capsys):
+    err = error_of(R.main, ["--resume", str(tiny_run), "--alpha", "0.5"], capsys)
     assert "--resume continues the saved configuration" in err and "--alpha" in err
 
 
-def test_checkpoints_rotate_atomically(tmp_path, toy_run):
+def test_checkpoints_rotate_atomically(tmp_path, tiny_run):
     for step in (10, 20, 30, 40, 50):
-        R.save_rotating({"step": torch.tensor(step)}, str(tmp_path), step, keep=3)
+        RT.save_rotating({"step": torch.tensor(step)}, str(tmp_path), step, keep=3)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000030.pt", "checkpoint-00000040.pt",
                                             "checkpoint-00000050.pt"]  # no temporary files left
-    assert R.latest_checkpoint(str(tmp_path)).endswith("checkpoint-00000050.pt")
-    # the toy run (1500 updates, a save every 2000) saved its final state only
-    assert [f for f in os.listdir(toy_run) if f.startswith("checkpoint")] == ["checkpoint-00001500.pt"]
+    assert RT.latest_checkpoint(str(tmp_path)).endswith("checkpoint-00000050.pt")
+    # the tiny run (30 updates, the recipe's save every 2000) saved its final state only
+    assert [f for f in os.listdir(tiny_run) if f.startswith("checkpoint")] == ["checkpoint-00000030.pt"]
 
 
-def test_fine_tuning_starts_from_the_distilled_ema_and_the_teacher(toy_run, tmp_path):
-    first = R.latest_checkpoint(str(toy_run))
+def test_fine_tuning_starts_from_the_distilled_ema_and_the_teacher(tiny_run, tmp_path):
+    first = RT.latest_checkpoint(str(tiny_run))
     out = tmp_path / "ft"
-    assert R.main(["--teacher", str(toy_run / "teacher.pt"), "--init-generator", first, "--init-ema", "0.99",
-                   "--alpha", "0.92", "--beta", "0.86", "--steps", "1", "--fid-every", "0", "--out", str(out)]) == 0
+    assert R.main(["--teacher", str(tiny_run / "teacher.pt"), "--init-generator", first, "--init-ema", "0.99",
+                   "--alpha", "0.92", "--beta", "0.86", "--steps", "1", "--fid-every", "0", "--eval-samples", "300",
+                   "--out", str(out)]) == 0
     args = json.load(open(out / "arguments.json"))
     assert args["lr"] == 1e-5 and args["warmup"] == 0  # App. D.2 defaults
-    ckpt = torch.load(R.latest_checkpoint(str(out)), weights_only=True)
+    ckpt = torch.load(RT.latest_checkpoint(str(out)), weights_only=True)
     start = torch.load(first, weights_only=True)["ema"]["0.99"]
-    teacher = torch.load(toy_run / "teacher.pt", weights_only=True)["ema"]["0.999"]
+    teacher = torch.load(tiny_run / "teacher.pt", weights_only=True)["ema"]["0.999"]
     # one fake update happened; the generator has not been updated yet: it is the EMA it started from
     assert all(torch.equal(ckpt["generator"][k], start[k]) for k in start)
     for decay in ("0.95", "0.99", "0.995"):
@@ -1177,10 +1268,10 @@ def test_frechet_distance_is_the_w2_of_gaussians_also_for_singular_covariances(d
         Y[:, 0] = X[:, 0]
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     expected = gaussian_w2_squared(mu1, X, mu2, Y)
-    assert eval_py.frechet_distance(mu1, X @ X.T, mu2, Y @ Y.T) == pytest.approx(expected, rel=1e-7, abs=1e-6)
-    assert eval_py.frechet_distance(mu2, Y @ Y.T, mu1, X @ X.T) == pytest.approx(expected, rel=1e-7, abs=1e-6)
+    assert RT.frechet_distance(mu1, X @ X.T, mu2, Y @ Y.T) == pytest.approx(expected, rel=1e-7, abs=1e-6)
+    assert RT.frechet_distance(mu2, Y @ Y.T, mu1, X @ X.T) == pytest.approx(expected, rel=1e-7, abs=1e-6)
     # 1D: (m1 - m2)^2 + (s1 - s2)^2
-    assert eval_py.frechet_distance(mu1[:1], X[:1] @ X[:1].T, mu2[:1], Y[:1] @ Y[:1].T) == pytest.approx(
+    assert RT.frechet_distance(mu1[:1], X[:1] @ X[:1].T, mu2[:1], Y[:1] @ Y[:1].T) == pytest.approx(
         (mu1[0] - mu2[0]) ** 2 + (np.linalg.norm(X[0]) - np.linalg.norm(Y[0])) ** 2, rel=1e-9, abs=1e-12)
 
 
@@ -1189,9 +1280,9 @@ def test_frechet_distance_stays_real_where_sqrtm_turns_complex():
     # frechet_distance raises "Imaginary component"; the symmetric form stays on the closed form.
     rng = np.random.default_rng(1605)
     X, Y = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
-    got = eval_py.frechet_distance(np.zeros(5), X @ X.T, np.zeros(5), Y @ Y.T)
+    got = RT.frechet_distance(np.zeros(5), X @ X.T, np.zeros(5), Y @ Y.T)
     assert isinstance(got, float) and got == pytest.approx(gaussian_w2_squared(0, X, 0, Y), abs=1e-6)
-    assert eval_py.frechet_distance(np.zeros(5), X @ X.T, np.zeros(5), X @ X.T) == pytest.approx(0, abs=1e-6)
+    assert RT.frechet_distance(np.zeros(5), X @ X.T, np.zeros(5), X @ X.T) == pytest.approx(0, abs=1e-6)
 
 
 @quick
@@ -1201,20 +1292,21 @@ def test_frechet_distance_agrees_with_clean_fid_on_well_conditioned_statistics(d
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(4 * d, d)) @ rng.normal(size=(d, d))
     b = rng.normal(size=(4 * d, d)) @ rng.normal(size=(d, d)) + shift
-    stats = [*eval_py.statistics(a), *eval_py.statistics(b)]
-    assert eval_py.frechet_distance(*stats) == pytest.approx(clean_fid_fd(*stats), rel=1e-6, abs=1e-6)
+    stats = [*RT.statistics(a), *RT.statistics(b)]
+    assert RT.frechet_distance(*stats) == pytest.approx(clean_fid_fd(*stats), rel=1e-6, abs=1e-6)
 
 
 def test_mode_coverage_closed_forms():
-    centres, std = R.eight_gaussians_centres().numpy(), R.EIGHT_GAUSSIANS["std"]
-    x, y = R.eight_gaussians(20_000, seed=7)
-    covered, in_mode = eval_py.mode_coverage(x.numpy(), centres, std)
+    centres, std = RT.eight_gaussians_centres().numpy(), RT.EIGHT_GAUSSIANS["std"]
+    x, y = RT.eight_gaussians(20_000, seed=7)
+    covered, in_mode = RT.mode_coverage(x.numpy(), centres, std)
     p = 1 - math.exp(-4.5)  # P(|N(0, I_2)| < 3)
     assert covered == 8 and abs(in_mode - p) < 4 * math.sqrt(p * (1 - p) / 20_000)
-    assert eval_py.mode_coverage(x[y < 3].numpy(), centres, std)[0] == 3  # three modes only
-    assert eval_py.mode_coverage(np.zeros((100, 2)), centres, std) == (0, 0.0)  # the mean, off every mode
+    assert RT.mode_coverage(x[y < 3].numpy(), centres, std)[0] == 3  # three modes only
+    assert RT.mode_coverage(np.zeros((100, 2)), centres, std) == (0, 0.0)  # the mean, off every mode
 
 
+@pytest.mark.slow
 def test_toy_run_selects_by_w2_and_covers_every_mode(toy_run):
     results = json.load(open(toy_run / "results.json"))
     rows = [json.loads(l) for l in open(toy_run / "metrics.jsonl")]
@@ -1245,7 +1337,7 @@ def test_bf16_generation_is_close_to_fp32_but_not_identical():
     randomise_(unet)
     a, b = (R.sample_field(unet, 4, (1, 8, 8), torch.device("cpu"), steps=2) for _ in range(2))
     assert torch.equal(a, b) and unet.training
-    assert R.to_uint8(torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0])).tolist() == [0, 0, 128, 255, 255]
+    assert RT.to_uint8(torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0])).tolist() == [0, 0, 128, 255, 255]
 
 
 @pytest.fixture(scope="module")
@@ -1316,7 +1408,7 @@ def test_fid_says_which_download_is_missing(digits_features, cifar_root, tmp_pat
     from cleanfid import downloads_helper, features
     assert R.main(["--dataset", "digits", "--teacher", digits_features, "--steps", "2", "--batch-size", "8",
                    "--out", str(tmp_path / "run")]) == 0
-    monkeypatch.setattr(eval_py, "INCEPTION_DIR", str(tmp_path / "weights"))
+    monkeypatch.setattr(RT, "INCEPTION_DIR", str(tmp_path / "weights"))
     monkeypatch.setattr(downloads_helper, "inception_url", "http://127.0.0.1:9/inception-2015-12-05.pt")
     err = error_of(eval_py.main, ["fid", str(tmp_path / "run"), "--n", "10"], capsys)
     assert "inception-2015-12-05.pt" in err and str(tmp_path / "weights") in err and len(err.splitlines()) == 1
@@ -1338,8 +1430,8 @@ def test_fid_says_which_download_is_missing(digits_features, cifar_root, tmp_pat
     assert "inception-2015-12-05.pt" in err and not os.path.exists(tmp_path / "run2" / "metrics.jsonl")
 
 
-def test_fid_refuses_bad_input(toy_run, digits_features, tmp_path, capsys):
-    assert "generates points, not images" in error_of(eval_py.main, ["fid", str(toy_run)], capsys)
+def test_fid_refuses_bad_input(tiny_run, digits_features, tmp_path, capsys):
+    assert "generates points, not images" in error_of(eval_py.main, ["fid", str(tiny_run)], capsys)
     assert R.main(["--dataset", "digits", "--teacher", digits_features, "--steps", "2", "--batch-size", "8",
                    "--out", str(tmp_path / "run")]) == 0
     bad = tmp_path / "bad.npz"
@@ -1349,7 +1441,7 @@ def test_fid_refuses_bad_input(toy_run, digits_features, tmp_path, capsys):
     err = error_of(eval_py.main, ["fid", str(tmp_path / "run"), "--features", digits_features,
                                   "--ref", "8gaussians"], capsys)
     assert "the generator makes 1x16x16 images" in err
-    err = error_of(eval_py.main, ["fid", str(tmp_path / "run"), "--features", str(toy_run / "teacher.pt")], capsys)
+    err = error_of(eval_py.main, ["fid", str(tmp_path / "run"), "--features", str(tiny_run / "teacher.pt")], capsys)
     assert "unconditional image network" in err
 
 
@@ -1476,10 +1568,10 @@ def test_bridge_uid_generator_loss_is_the_ibmd_loss():
 
 
 def test_gaussian_pairs_are_coupled_to_a_neighbouring_mode():
-    x_src, x = R.gaussian_pairs(5000, seed=3)
-    centres = R.eight_gaussians_centres().numpy()
-    assert eval_py.paired_fraction(x_src.numpy(), x.numpy(), centres) > 0.99
-    assert eval_py.paired_fraction(x_src.numpy(), x_src.numpy(), centres) == 0.0  # same mode: not a neighbour
+    x_src, x = RT.gaussian_pairs(5000, seed=3)
+    centres = RT.eight_gaussians_centres().numpy()
+    assert RT.paired_fraction(x_src.numpy(), x.numpy(), centres) > 0.99
+    assert RT.paired_fraction(x_src.numpy(), x_src.numpy(), centres) == 0.0  # same mode: not a neighbour
     k = torch.cdist(x, torch.tensor(centres)).argmin(1)
     assert 0.45 < (k == (torch.cdist(x_src, torch.tensor(centres)).argmin(1) + 1) % 8).float().mean() < 0.55
 
@@ -1496,11 +1588,12 @@ def family_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vp", "ve", "si", "bridge"])
 def test_every_family_distills_to_a_one_step_generator_far_better_than_the_teachers_one_step(model, family_runs):
     results, out = family_runs[model]
     generators = [v for k, v in results.items() if k.startswith("RealUID")]
-    ckpt = torch.load(R.latest_checkpoint(str(out)), weights_only=True)
+    ckpt = torch.load(RT.latest_checkpoint(str(out)), weights_only=True)
     assert ckpt["matching"]["type"] == model
     # The teacher's single step lands between modes: diffusion near the mean (far off the data), pairs on the
     # conditional mean between the two neighbouring modes (W2 of the joint points only a little worse, so the
@@ -1511,16 +1604,37 @@ def test_every_family_distills_to_a_one_step_generator_far_better_than_the_teach
     assert max(v[what] for v in generators) > results["teacher, 1 step"][what] + 0.3, results
 
 
+@pytest.fixture(scope="module")
+def tiny_families(tmp_path_factory):
+    """Each non-FM family from the command line in seconds: a 60-update teacher on the spot, 12 updates."""
+    runs = {}
+    for model, dataset in (("vp", "8gaussians"), ("ve", "8gaussians"), ("si", "pairs"), ("bridge", "pairs")):
+        runs[model] = out = tmp_path_factory.mktemp(f"tiny-{model}")
+        assert R.main(["--model", model, "--dataset", dataset, "--out", str(out), "--teacher-steps", "60",
+                       "--steps", "12", "--eval-samples", "200", "--fid-every", "0"]) == 0
+    return runs
+
+
+@pytest.mark.parametrize("model", ["vp", "ve", "si", "bridge"])
+def test_every_family_runs_from_the_command_line(model, tiny_families):
+    ckpt = torch.load(RT.latest_checkpoint(str(tiny_families[model])), weights_only=True)
+    teacher = torch.load(tiny_families[model] / "teacher.pt", weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["matching"]["type"] == teacher["matching"]["type"] == model
+    assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
+    results = json.load(open(tiny_families[model] / "results.json"))
+    assert ("paired" in results["teacher, 1 step"]) == (model in ("si", "bridge"))
+
+
 @pytest.mark.parametrize("flags", VARIANTS)
-def test_every_variant_runs_on_diffusion_digits_and_bridge_pairs(flags, tmp_path, family_runs, capsys):
+def test_every_variant_runs_on_diffusion_digits_and_bridge_pairs(flags, tmp_path, tiny_families, capsys):
     assert teacher_py.main(["--model", "vp", "--param", "score", "--dataset", "digits", "--steps", "2",
                             "--batch-size", "8", "--out", str(tmp_path / "t")] + TINY_UNET) == 0
     assert R.main(["--dataset", "digits", "--teacher", str(tmp_path / "t" / "teacher.pt"), "--steps", "6", "--K",
                    "2", "--batch-size", "8", "--out", str(tmp_path / "d")] + flags) == 0
-    ckpt = torch.load(R.latest_checkpoint(str(tmp_path / "d")), weights_only=True)
+    ckpt = torch.load(RT.latest_checkpoint(str(tmp_path / "d")), weights_only=True)
     assert ckpt["matching"] == dict(type="vp", param="score", sigma_init=2.5, lam=[-10.0, 10.0], sigma=[80.0, 0.002])
     assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
-    bridge = ["--dataset", "pairs", "--teacher", str(family_runs["bridge"][1] / "teacher.pt"), "--steps", "6",
+    bridge = ["--dataset", "pairs", "--teacher", str(tiny_families["bridge"] / "teacher.pt"), "--steps", "6",
               "--K", "2", "--batch-size", "16", "--eval-samples", "200", "--out", str(tmp_path / "b")] + flags
     if "--dmd" in flags:
         assert "needs a score" in error_of(R.main, bridge, capsys)
@@ -1528,19 +1642,23 @@ def test_every_variant_runs_on_diffusion_digits_and_bridge_pairs(flags, tmp_path
         assert R.main(bridge) == 0
 
 
-def test_matching_models_are_checked_against_teacher_and_data(family_runs, toy_run, capsys, tmp_path):
+def test_matching_models_are_checked_against_teacher_and_data(tiny_families, tiny_run, capsys, tmp_path):
     assert "is a bridge model, not --model si" in error_of(R.main, [
-        "--dataset", "pairs", "--model", "si", "--teacher", str(family_runs["bridge"][1] / "teacher.pt")], capsys)
+        "--dataset", "pairs", "--model", "si", "--teacher", str(tiny_families["bridge"] / "teacher.pt")], capsys)
     assert "needs data-to-data pairs" in error_of(teacher_py.main, ["--model", "si", "--steps", "1", "--out",
                                                                      str(tmp_path)], capsys)
     assert "cannot use data-to-data pairs" in error_of(R.main, ["--dataset", "pairs", "--teacher",
-                                                                str(toy_run / "teacher.pt")], capsys)
+                                                                str(tiny_run / "teacher.pt")], capsys)
+
+
+@pytest.mark.slow
+def test_a_coupled_generator_samples_pairs_that_land_on_neighbouring_modes(family_runs, tmp_path):
     out = tmp_path / "s.npy"  # samples of a coupled generator come as (x_T, x1) rows
     assert eval_py.main(["sample", str(family_runs["si"][1]), "--n", "500", "--ema", "0.995", "--out", str(out)]) == 0
     pairs = np.load(out)
     assert pairs.shape == (500, 4)
     # the teacher's single step pairs about 1 %, a random mode 25 %
-    assert eval_py.paired_fraction(pairs[:, :2], pairs[:, 2:], R.eight_gaussians_centres().numpy()) > 0.35
+    assert RT.paired_fraction(pairs[:, :2], pairs[:, 2:], RT.eight_gaussians_centres().numpy()) > 0.35
 
 
 @pytest.mark.parametrize("kind", ["vp", "ve"])
@@ -1638,7 +1756,7 @@ def test_bf16_autocast_runs_the_networks_in_bf16_and_the_loss_algebra_in_fp32():
         teacher = randomise_(R.build_field(SMALL_UNET), scale=0.1)
         cfg = R.Config(alpha=0.9, beta=0.95, lr=1e-3, warmup=0, ema=(0.9,), precision=precision)
         state = R.RealUID(cfg, teacher, randomise_(R.build_field(SMALL_UNET), 0.1, 1), copy.deepcopy(teacher),
-                          fake_spec=SMALL_UNET)
+                          fake_spec=SMALL_UNET, bf16=precision == "bf16")
         torch.manual_seed(1)
         losses[precision] = state.fake_step(torch.randn(8, 3, 8, 8))[0]
     assert losses["bf16"].dtype == torch.float32
@@ -1648,11 +1766,11 @@ def test_bf16_autocast_runs_the_networks_in_bf16_and_the_loss_algebra_in_fp32():
 
 def test_precision_auto_picks_bf16_only_for_unets_on_fast_bf16_hardware(monkeypatch):
     cpu, unet, mlp = torch.device("cpu"), dict(type="unet"), dict(type="mlp")
-    assert R.use_bf16("bf16", cpu, mlp) and not R.use_bf16("fp32", cpu, unet)
+    assert RT.use_bf16("bf16", cpu, mlp) and not RT.use_bf16("fp32", cpu, unet)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert not R.use_bf16("auto", cpu, unet)  # AVX512-BF16 alone: bf16 ran at half the fp32 speed
+    assert not RT.use_bf16("auto", cpu, unet)  # AVX512-BF16 alone: bf16 ran at half the fp32 speed
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert R.use_bf16("auto", cpu, unet) and not R.use_bf16("auto", cpu, mlp)
+    assert RT.use_bf16("auto", cpu, unet) and not RT.use_bf16("auto", cpu, mlp)
 
 
 @given(world=st.sampled_from([2, 4]), per_rank=st.integers(1, 5), seed=st.integers(0, 1000))
@@ -1663,12 +1781,16 @@ def test_ranks_draw_the_rows_of_the_global_batch_that_one_process_draws(world, p
     torch.manual_seed(seed)
     x0, t = R.noise_and_time(m, x, x)
     for rank in range(world):
-        ranks = R.Ranks(rank, world)
+        ranks = RT.Ranks(rank, world)
         torch.manual_seed(seed)
-        x0_r, t_r = R.noise_and_time(m, ranks.shard(x), ranks.shard(x), ranks)
+        x0_r, t_r = R.noise_and_time(m, ranks.shard(x), ranks.shard(x), ranks.draw)
         assert torch.equal(x0_r, ranks.shard(x0)) and torch.equal(t_r, ranks.shard(t))
-    shards = [iter(R.BatchIndices(50, 12, seed, 3, R.Ranks(r, world))) for r in range(world)]
-    glob = iter(R.BatchIndices(50, 12, seed, 3))
+        torch.manual_seed(seed)  # the generator step's z: drawn like a tensor of this rank's shape
+        z = ranks.draw(torch.randn_like, torch.empty(per_rank, 3))
+        torch.manual_seed(seed)
+        assert torch.equal(z, ranks.shard(torch.randn(world * per_rank, 3)))
+    shards = [iter(RT.BatchIndices(50, 12, seed, 3, RT.Ranks(r, world))) for r in range(world)]
+    glob = iter(RT.BatchIndices(50, 12, seed, 3))
     for _ in range(6):  # the distributed sampler: the ranks' rows make up the global batch k
         assert torch.equal(torch.cat([next(s) for s in shards]), next(glob))
 
@@ -1682,13 +1804,14 @@ def _replica_worker(rank, world, init, perturb, result):
         with torch.no_grad():
             next(net.parameters())[0, 0] += 1e-6
     try:
-        R.Ranks(rank, world).check_replicas([net])
+        RT.Ranks(rank, world).check_replicas([net])
         result[rank] = "same"
-    except R.UsageError:
+    except RT.UsageError:
         result[rank] = "drifted"
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perturb", [False, True])
 def test_the_replica_check_catches_ranks_whose_weights_drift_apart(perturb, tmp_path):
     import torch.multiprocessing as mp
@@ -1706,11 +1829,12 @@ def torchrun(script, *args, ranks=2):
     return out
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_ranks_trains_what_one_process_trains_and_resumes_in_one(tmp_path):
     common = ["--dataset", "8gaussians", "--batch-size", "64", "--hidden", "32", "--seed", "3"]
     for ranks in (1, 2):
         torchrun("teacher.py", *common, "--steps", "30", "--out", str(tmp_path / f"teacher{ranks}"), ranks=ranks)
-    teachers = [R.load_checkpoint(tmp_path / f"teacher{r}" / "teacher.pt") for r in (1, 2)]
+    teachers = [RT.load_checkpoint(tmp_path / f"teacher{r}" / "teacher.pt") for r in (1, 2)]
     for name, v in teachers[0]["net"].items():
         assert torch.allclose(v, teachers[1]["net"][name], rtol=1e-4, atol=1e-6), name
     runs = []
@@ -1721,7 +1845,7 @@ def test_torchrun_with_two_ranks_trains_what_one_process_trains_and_resumes_in_o
                        ranks=ranks)
         assert log.stdout.count("realuid: 8gaussians") == 1  # rank 0 alone speaks
     torchrun("realuid.py", "--resume", str(tmp_path / "run2"), "--steps", "18", ranks=1)
-    runs = [R.load_checkpoint(R.latest_checkpoint(str(tmp_path / f"run{r}"))) for r in (1, 2)]
+    runs = [RT.load_checkpoint(RT.latest_checkpoint(str(tmp_path / f"run{r}"))) for r in (1, 2)]
     assert runs[0]["step"] == runs[1]["step"] == 18
     for part in ("generator", "fake"):
         for name, v in runs[0][part].items():
@@ -1743,6 +1867,21 @@ def test_teacher_correction_closed_form_uid_learns_the_teachers_error_and_alpha_
     assert abs(eval_py.optimal_mean_1d(-2.0, -2.0, 0.9, 0.95) + 2.0) < 1e-3  # a right teacher: the real mean
 
 
+def test_reproduce_runs_every_part_from_the_command_line(tmp_path, monkeypatch):
+    # a smoke run of `eval.py reproduce` at a few updates per run; the claims are checked by the slow test below
+    tiny = dict(eval_py.REPRODUCE["quick"], teacher_steps=40, steps=12, batch=64, every=6, eval_samples=100,
+                ratios=(1.04,), digits_teacher_steps=2, digits_steps=6, digits_batch=8, digits_every=6,
+                digits_fid_samples=32, deviations=np.linspace(-1, 1, 3))
+    monkeypatch.setitem(eval_py.REPRODUCE, "quick", tiny)
+    assert eval_py.main(["reproduce", "--quick", "--out", str(tmp_path)]) == 0
+    for name in ("fig3-loss-surface.png", "fig4-teacher-correction-1d.png", "fig2-convergence-2d.png",
+                 "fig2-convergence-digits.png", "summary.md", "report.json"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["grid_2d"]) == set(report["grid_digits"]) == {"UID", "0.94, 1.04", "UID + GAN"}
+
+
+@pytest.mark.slow
 def test_reproduce_quick_writes_every_table_and_plot(tmp_path):
     report = eval_py.main(["reproduce", "--quick", "--out", str(tmp_path)])
     assert report == 0
@@ -1781,7 +1920,7 @@ def test_channels_last_keeps_the_math_and_the_cli_runs_it_in_bf16(tmp_path, caps
     assert R.main(["--dataset", "digits", "--teacher", str(teacher / "teacher.pt"), "--steps", "3", "--batch-size",
                    "4", "--channels-last", "--precision", "bf16", "--out", str(tmp_path / "d")]) == 0
     assert ", bf16," in capsys.readouterr().out
-    ckpt = R.load_checkpoint(R.latest_checkpoint(str(tmp_path / "d")))
+    ckpt = RT.load_checkpoint(RT.latest_checkpoint(str(tmp_path / "d")))
     assert ckpt["step"] == 3 and ckpt["config"]["channels_last"] and ckpt["config"]["precision"] == "bf16"
 
 
@@ -1789,11 +1928,12 @@ def _statistics_worker(rank, world, init, result):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     features = np.random.default_rng(7).normal(size=(30, 4)) @ np.diag([1.0, 2.0, 0.5, 3.0])
-    mu, sigma = eval_py.statistics(features[rank::world], R.Ranks(rank, world))  # each rank holds a share
+    mu, sigma = RT.statistics(features[rank::world], RT.Ranks(rank, world))  # each rank holds a share
     result[rank] = (mu.tolist(), sigma.tolist())
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fid_statistics_under_torchrun_are_those_of_all_ranks_features_together(tmp_path):
     import torch.multiprocessing as mp
     result = mp.Manager().dict()
@@ -1819,17 +1959,17 @@ class RunsCode:
         return os.mkdir, (self.path,)
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(toy_run, tmp_path, capsys):
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tiny_run, tmp_path, capsys):
     marker = str(tmp_path / "code-ran")
-    ckpt = torch.load(toy_run / "teacher.pt", weights_only=True)
+    ckpt = torch.load(tiny_run / "teacher.pt", weights_only=True)
     ckpt["extra"] = RunsCode(marker)
     torch.save(ckpt, tmp_path / "evil.pt")
-    run = R.load_checkpoint(R.latest_checkpoint(str(toy_run)))
+    run = RT.load_checkpoint(RT.latest_checkpoint(str(tiny_run)))
     run["extra"] = RunsCode(marker)
     torch.save(run, tmp_path / "evil-run.pt")
     for main, argv in [(R.main, ["--teacher", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "o")]),
                        (R.main, ["--resume", str(tmp_path / "evil-run.pt")]),
-                       (R.main, ["--teacher", str(toy_run / "teacher.pt"), "--init-generator",
+                       (R.main, ["--teacher", str(tiny_run / "teacher.pt"), "--init-generator",
                                  str(tmp_path / "evil-run.pt"), "--out", str(tmp_path / "o")]),
                        (eval_py.main, ["sample", str(tmp_path / "evil-run.pt"), "--n", "4", "--out",
                                        str(tmp_path / "s.npy")])]:
@@ -1843,7 +1983,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(toy_run, t
 def test_a_skipped_update_leaves_weights_moments_and_step_untouched_without_a_host_sync():
     net = R.MLPField(2, 16, 3)
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.0, 0.999), fused=True)
-    guard, params = R.NonFinite(["fake model", "generator"], torch.device("cpu")), list(net.parameters())
+    guard, params = RT.NonFinite(["fake model", "generator"], torch.device("cpu")), list(net.parameters())
     x = torch.randn(8, 2)
     for update, poison in enumerate([0.0, 0.0, math.nan, 0.0, math.inf], start=1):
         before = copy.deepcopy(net.state_dict()), copy.deepcopy(optimiser.state_dict()["state"])
@@ -1860,25 +2000,25 @@ def test_a_skipped_update_leaves_weights_moments_and_step_untouched_without_a_ho
     assert "skipped 2 non-finite update(s) of --skip-nonfinite 2 (the first: update 3: the generator's loss is " \
            "nan" in guard.check(2, 5)
     guard.seen = 0
-    with pytest.raises(R.Diverged, match=r"update 3: the generator's loss is nan .* stopped at update 5 "
+    with pytest.raises(RT.Diverged, match=r"update 3: the generator's loss is nan .* stopped at update 5 "
                                          r"\(2 non-finite update\(s\) of the generator\)\. Try a lower --lr"):
         guard.check(1, 5)
 
 
-def test_divergence_stops_at_once_keeping_only_finite_checkpoints_or_skips_when_asked(toy_run, tmp_path, capsys):
+def test_divergence_stops_at_once_keeping_only_finite_checkpoints_or_skips_when_asked(tiny_run, tmp_path, capsys):
     # lr 1e30: the first Adam step moves every weight by 1e30, the next forward pass overflows
-    argv = ["--teacher", str(toy_run / "teacher.pt"), "--lr", "1e30", "--warmup", "0", "--steps", "30", "--K", "2",
+    argv = ["--teacher", str(tiny_run / "teacher.pt"), "--lr", "1e30", "--warmup", "0", "--steps", "30", "--K", "2",
             "--log-every", "5", "--fid-every", "0", "--eval-samples", "200"]
     rc = R.main(argv + ["--save-every", "1", "--out", str(tmp_path / "stop")])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "error: update 2: the fake model's loss is nan" in err and "stopped at update 2" in err
     assert "lower --lr" in err and "checkpoint-00000001.pt" in err
-    assert [os.path.basename(p) for p in R.checkpoints_in(str(tmp_path / "stop"))] == ["checkpoint-00000001.pt"]
+    assert [os.path.basename(p) for p in RT.checkpoints_in(str(tmp_path / "stop"))] == ["checkpoint-00000001.pt"]
     rc = R.main(argv + ["--save-every", "10", "--skip-nonfinite", "100", "--out", str(tmp_path / "skip")])
     err = capsys.readouterr().err
     assert rc == 0 and "warning: skipped" in err
-    ckpt = R.load_checkpoint(R.latest_checkpoint(str(tmp_path / "skip")))
+    ckpt = RT.load_checkpoint(RT.latest_checkpoint(str(tmp_path / "skip")))
     assert ckpt["step"] == 30
     for part in ("generator", "fake"):
         assert all(torch.isfinite(v).all() for v in ckpt[part].values())
@@ -1891,7 +2031,7 @@ def test_divergence_stops_at_once_keeping_only_finite_checkpoints_or_skips_when_
 @pytest.mark.parametrize("where", ["write", "fsync", "rename"])
 def test_a_save_that_fails_anywhere_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, where):
     import errno
-    R.save_checkpoint({"step": torch.tensor(1), "w": torch.arange(1000.0)}, str(tmp_path / "c.pt"))
+    RT.save_checkpoint({"step": torch.tensor(1), "w": torch.arange(1000.0)}, str(tmp_path / "c.pt"))
 
     def full(*a, **k):
         if where == "write":
@@ -1900,10 +2040,10 @@ def test_a_save_that_fails_anywhere_leaves_the_previous_checkpoint_whole(tmp_pat
     monkeypatch.setattr({"write": torch, "fsync": os, "rename": os}[where],
                         {"write": "save", "fsync": "fsync", "rename": "replace"}[where], full)
     with pytest.raises(OSError, match="No space left"):
-        R.save_checkpoint({"step": torch.tensor(2), "w": torch.zeros(1000)}, str(tmp_path / "c.pt"))
+        RT.save_checkpoint({"step": torch.tensor(2), "w": torch.zeros(1000)}, str(tmp_path / "c.pt"))
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["c.pt"]  # no partial file beside it
-    assert R.load_checkpoint(str(tmp_path / "c.pt"))["step"] == 1
+    assert RT.load_checkpoint(str(tmp_path / "c.pt"))["step"] == 1
 
 
 def test_a_full_disk_costs_no_training_and_the_closing_save_waits_for_space(tmp_path, monkeypatch, capsys):
@@ -1923,7 +2063,8 @@ def test_a_full_disk_costs_no_training_and_the_closing_save_waits_for_space(tmp_
         os.makedirs(tmp_path / name)
         if name == "full":
             monkeypatch.setattr(torch, "save", flaky)
-        assert R.distill(state, R.batches(R.Data(x=torch.randn(100, 2)), 16, "cpu"), str(tmp_path / name)) is None
+        assert RT.supervise(R.distill, state, RT.batches(RT.Data(x=torch.randn(100, 2)), 16, "cpu"),
+                            str(tmp_path / name)) is None
         results[name] = state
     monkeypatch.undo()
     err = capsys.readouterr().err
@@ -1934,8 +2075,8 @@ def test_a_full_disk_costs_no_training_and_the_closing_save_waits_for_space(tmp_
     a, b = (results[n].generator.state_dict() for n in ("plain", "full"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the failed saves changed nothing in training
     # the closing save retries, then gives up with the last complete checkpoint named
-    monkeypatch.setattr(R, "SAVE_RETRIES", 2)
-    monkeypatch.setattr(R, "SAVE_WAIT", 0)
+    monkeypatch.setattr(RT, "SAVE_RETRIES", 2)
+    monkeypatch.setattr(RT, "SAVE_WAIT", 0)
 
     def always_full(obj, f, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1943,7 +2084,7 @@ def test_a_full_disk_costs_no_training_and_the_closing_save_waits_for_space(tmp_
     state, _ = tiny_state(steps=4)
     os.makedirs(tmp_path / "never")
     with pytest.raises(OSError, match=r"update 4 .* the last complete one is none; the updates after it are lost"):
-        R.distill(state, R.batches(R.Data(x=torch.randn(100, 2)), 16, "cpu"), str(tmp_path / "never"))
+        RT.supervise(R.distill, state, RT.batches(RT.Data(x=torch.randn(100, 2)), 16, "cpu"), str(tmp_path / "never"))
     assert capsys.readouterr().err.count("retrying in 0 s") == 2
 
 
@@ -1999,6 +2140,7 @@ def run_to_end(argv, tmp_path, name):
         assert proc.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_job_saves_at_an_update_boundary_and_resume_is_exact(image_folder_run, tmp_path):
     import signal
     root = image_folder_run
@@ -2010,13 +2152,14 @@ def test_sigterm_to_the_whole_job_saves_at_an_update_boundary_and_resume_is_exac
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     text = (tmp_path / "two.log").read_text()
     assert "Traceback" not in text and "stopped by signal SIGTERM" in text and "--resume" in text
-    saved = R.load_checkpoint(R.latest_checkpoint(str(tmp_path / "two")))
+    saved = RT.load_checkpoint(RT.latest_checkpoint(str(tmp_path / "two")))
     assert 3 <= saved["step"] < 16 and metric_steps(tmp_path / "two")[-1] == saved["step"]
     run_to_end(["--resume", str(tmp_path / "two")], tmp_path, "resume")
     assert_same_weights(weights_of(tmp_path / "one"), weights_of(tmp_path / "two"))
     assert metric_steps(tmp_path / "two") == list(range(1, 17))
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_save_leaves_the_last_checkpoint_whole_and_resume_is_exact(image_folder_run,
                                                                                                tmp_path):
     import signal
@@ -2035,7 +2178,7 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_last_checkpoint_whole_and_re
             break
         shutil.rmtree(out)
     assert partial, "no kill landed mid-save in 5 tries"
-    saved = R.load_checkpoint(R.latest_checkpoint(str(out)))  # the newest complete file loads
+    saved = RT.load_checkpoint(RT.latest_checkpoint(str(out)))  # the newest complete file loads
     assert 2 <= saved["step"] < 12
     run_to_end(["--resume", str(out)], tmp_path, "resume")
     assert not [f for f in os.listdir(out) if ".tmp-" in f]  # the partial file is cleared
@@ -2043,6 +2186,7 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_last_checkpoint_whole_and_re
     assert metric_steps(out) == list(range(1, 13))  # the rows logged after the checkpoint were rewound
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_stops_both_ranks_at_an_agreed_update_and_resume_is_exact(tmp_path):
     import signal
     data = ["--dataset", "8gaussians", "--batch-size", "64", "--hidden", "32", "--seed", "3"]
@@ -2057,7 +2201,7 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_an_agreed_update_and_resume_
         proc.wait(timeout=120)
     text = (tmp_path / "two.log").read_text()
     assert text.count("stopped by signal SIGTERM") == 1, text[-3000:]  # rank 0 alone speaks and saves
-    saved = R.load_checkpoint(R.latest_checkpoint(str(tmp_path / "two")))
+    saved = RT.load_checkpoint(RT.latest_checkpoint(str(tmp_path / "two")))
     assert 12 <= saved["step"] < 2400 and saved["step"] % 4 == 0  # at a log line, where the ranks agree
     torchrun("realuid.py", "--resume", str(tmp_path / "two"), ranks=2)
     assert_same_weights(weights_of(tmp_path / "one"), weights_of(tmp_path / "two"))
@@ -2098,16 +2242,16 @@ counter = iter(range(10 ** 9))
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(st.lists(st.tuples(st.sampled_from(CLI_FLAGS), st.sampled_from(NUMBERS)), max_size=3),
        st.lists(st.sampled_from(SWITCHES), max_size=2))
-def test_any_command_line_trains_or_is_refused_in_one_line(toy_run, tmp_path, capsys, flags, switches):
+def test_any_command_line_trains_or_is_refused_in_one_line(tiny_run, tmp_path, capsys, flags, switches):
     out = tmp_path / f"run{next(counter)}"
-    argv = ["--teacher", str(toy_run / "teacher.pt"), "--steps", "2", "--fid-every", "0", "--eval-samples", "50",
+    argv = ["--teacher", str(tiny_run / "teacher.pt"), "--steps", "2", "--fid-every", "0", "--eval-samples", "50",
             "--out", str(out)]
     for flag, value in flags:
         argv += [f"--{flag}", value]
     rc, err = cli(R.main, argv + switches, capsys)
     assert_refused_cleanly(rc, err, out, "realuid.py")
     if rc == 0:
-        assert R.load_checkpoint(R.latest_checkpoint(str(out)))["step"] == 2
+        assert RT.load_checkpoint(RT.latest_checkpoint(str(out)))["step"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -2168,16 +2312,16 @@ def test_an_unreadable_image_hours_in_is_named_and_the_updates_so_far_are_kept(i
     rc, err = cli(R.main, argv, capsys)
     assert rc == 2 and "Traceback" not in err and err.count("error:") == 1, err
     assert f"the image {bad_data / 'truncated' / '5.png'} cannot be read" in err and "replace or remove it" in err
-    saved = R.checkpoints_in(str(out)) if out.exists() else []
+    saved = RT.checkpoints_in(str(out)) if out.exists() else []
     if saved:  # the updates before the bad batch were saved; a resume goes on from them
-        assert R.load_checkpoint(saved[-1])["step"] == max(metric_steps(out))
+        assert RT.load_checkpoint(saved[-1])["step"] == max(metric_steps(out))
 
 
 def test_a_process_that_leaks_its_data_loader_still_exits(image_folder_run):
     # the workers ignore SIGTERM while training (the main process stops at a boundary first), but not at exit,
     # where multiprocessing terminates them: else an error that keeps a traceback would hang the process
-    code = (f"import sys, torch, realuid as R\ndata = R.Data(files=R.list_images({str(image_folder_run / 'images')!r}),"
-            f" resolution=16, kind='image')\nsys.leak = R.batches(data, 4, torch.device('cpu'), workers=2)\n"
+    code = (f"import sys, torch, runtime as RT\ndata = RT.Data(files=RT.list_images({str(image_folder_run / 'images')!r}),"
+            f" resolution=16, kind='image')\nsys.leak = RT.batches(data, 4, torch.device('cpu'), workers=2)\n"
             f"next(sys.leak)\nprint('exiting')")
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "exiting", out.stderr[-2000:]
@@ -2188,9 +2332,9 @@ def test_teacher_resume_continues_exactly_and_refuses_changed_settings(cifar_roo
               "--warmup", "3", "--save-every", "5", "--sample-steps", "0"] + TINY_UNET[:-2]
     assert teacher_py.main(common + ["--steps", "12", "--out", str(tmp_path / "one")]) == 0
     assert teacher_py.main(common + ["--steps", "7", "--out", str(tmp_path / "two")]) == 0
-    assert R.load_checkpoint(str(tmp_path / "two" / "teacher-state.pt"))["step"] == 7
+    assert RT.load_checkpoint(str(tmp_path / "two" / "teacher-state.pt"))["step"] == 7
     assert teacher_py.main(["--resume", str(tmp_path / "two"), "--steps", "12"]) == 0
-    a, b = (R.load_checkpoint(str(tmp_path / name / "teacher.pt")) for name in ("one", "two"))
+    a, b = (RT.load_checkpoint(str(tmp_path / name / "teacher.pt")) for name in ("one", "two"))
     for part, other in [(a["net"], b["net"])] + [(sd, b["ema"][d]) for d, sd in a["ema"].items()]:
         assert all(torch.equal(v, other[k]) for k, v in part.items())
     err = error_of(teacher_py.main, ["--resume", str(tmp_path / "two"), "--lr", "1"], capsys)
@@ -2198,6 +2342,7 @@ def test_teacher_resume_continues_exactly_and_refuses_changed_settings(cifar_roo
     assert "would go back" in error_of(teacher_py.main, ["--resume", str(tmp_path / "two"), "--steps", "3"], capsys)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_teacher_training_with_its_state_and_resume_is_exact(tmp_path):
     import signal
     argv = ["--dataset", "8gaussians", "--hidden", "32", "--batch-size", "64", "--steps", "1500", "--save-every",
@@ -2212,8 +2357,8 @@ def test_sigterm_stops_teacher_training_with_its_state_and_resume_is_exact(tmp_p
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     text = (tmp_path / "two.log").read_text()
     assert "Traceback" not in text and "stopped by signal SIGTERM" in text
-    assert 20 <= R.load_checkpoint(str(state))["step"] < 1500
+    assert 20 <= RT.load_checkpoint(str(state))["step"] < 1500
     with open(tmp_path / "resume.log", "w") as log:
         assert background(["--resume", str(tmp_path / "two")], log, "teacher.py").wait(timeout=600) == 0
-    a, b = (R.load_checkpoint(str(tmp_path / name / "teacher.pt")) for name in ("one", "two"))
+    a, b = (RT.load_checkpoint(str(tmp_path / name / "teacher.pt")) for name in ("one", "two"))
     assert all(torch.equal(v, b["net"][k]) for k, v in a["net"].items())

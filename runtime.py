@@ -1,0 +1,1506 @@
+"""What keeps a days-long run alive but is not the method: realuid.py, teacher.py and eval.py use it.
+
+Errors and flag validation, devices and precision, torchrun ranks, the non-finite guard, checkpoints (atomic
+saves, weights-only reads, safetensors), the supervisor of a training loop (progress bar, metrics log, saves,
+signals), data loading, sample grids, and the scores that model selection needs during a run (W2, the Frechet
+distance, feature networks, the closing table). It imports nothing of this project: the method lives in
+realuid.py, and reaches this module only through the hooks realuid.py declares.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VERSION = 1
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, never as a traceback."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped training at an update boundary, after a save: args (signal, update)."""
+
+
+class Diverged(Exception):
+    """A loss or gradient went non-finite more often than --skip-nonfinite allows."""
+
+
+# =============================================================================
+# Flags: generated from a dataclass, checked once, one line on bad input
+# =============================================================================
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def opt(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistyped flag answered in one line rather than the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def parser_from_dataclass(cls, description, prog):
+    p = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    own = cls.__dict__.get("__annotations__", {})  # the class's own flags first, the inherited run flags after
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
+        flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        helptext = f"{meta.pop('help', '')} (default: {f.default})"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", help=helptext)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, help=helptext, nargs=meta.pop("nargs", "+"), type=meta.pop("type", float), **meta)
+        else:
+            p.add_argument(flag, type=meta.pop("type", type(f.default)), help=helptext, **meta)
+    return p
+
+
+@dataclass
+class RunFlags:
+    """The flags of a training run that are not the method's: the data's place, the output, the device, the seed,
+    logging, saving and resuming. realuid.Config and realuid.TeacherConfig extend it."""
+    resolution: int = opt(0, "image side: image folders (default 64) and digits (16 or 32, default 16)")
+    data_root: str = opt("data", "where cifar10 is found or downloaded")
+    eval_samples: int = opt(2000, "held-out points, never trained on, for the final metrics (low-dim data)")
+    out: str = opt("", "output folder (default runs/<dataset>)")
+    resume: str = opt("", "continue a run exactly: its output folder or checkpoint (teacher.py: teacher-state.pt, "
+                          "which --steps may also train longer)")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (under torchrun: each rank's own card)")
+    precision: str = opt("auto", "network arithmetic: fp32, or bf16 autocast with the loss algebra in fp32; auto: "
+                                 "bf16 for UNets on CUDA cards and AMX CPUs, else fp32", choices=PRECISIONS)
+    seed: int = opt(0, "seed of everything random")
+    workers: int = opt(2, "data-loader processes for image folders")
+    log_every: int = opt(100, "updates between progress-bar and metrics-log lines (and non-finite checks)")
+    save_every: int = opt(5000, "updates between checkpoints (teacher.py: of its whole training state)")
+    skip_nonfinite: int = opt(0, "skip up to N updates whose loss or gradient is NaN or infinite; past N (and by "
+                                 "default at the first) the run stops, keeping the last good checkpoint")
+
+
+@dataclass
+class DistillFlags(RunFlags):
+    """realuid.py's run flags besides: checkpoints kept, sample grids, loggers, speed, model selection."""
+    keep: int = opt(3, "checkpoints kept (the newest)")
+    sample_every: int = opt(5000, "updates between sample grids of the generator and every EMA (images)")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+    channels_last: bool = opt(False, "NHWC layout for the UNets (for tensor cores; slower on a CPU without AMX)")
+    compile: bool = opt(False, "torch.compile the networks (minutes of compilation before the first update)")
+    deterministic: bool = opt(False, "CUDA: deterministic algorithms only (slower; CPU runs are deterministic anyway)")
+    fid_every: int = opt(0, "updates between FID scores of the generator and every EMA, keeping best-<net>.pt "
+                            "for each (low-dim data: W2 to the held-out points); 0: off")
+    fid_samples: int = opt(50_000, "generated images per FID score (the paper: 50000)")
+    fid_ref: str = opt("", "FID reference: cifar10 (clean-fid's train statistics), a .npz of mu and sigma, "
+                           "or images as --dataset takes them (default: cifar10's statistics for cifar10, "
+                           "else the training data)")
+    fid_features: str = opt("inception", "FID features: clean-fid's Inception, or an offline network file "
+                                         "(a teacher.pt; not comparable to published FIDs)")
+
+
+DATA_FIELDS = ("dataset", "cond", "seed", "eval_samples", "resolution", "data_root")  # what load_data reads
+
+
+def make_config(cls, user, *recipes):
+    """Dataclass defaults (the paper's recipe) < the recipes, in order < the user's flags."""
+    values = {}
+    for recipe in recipes:
+        values.update(recipe)
+    values.update(user)
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default, tuple) and f.name in values:
+            values[f.name] = tuple(values[f.name])
+    return cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+def config_dict(cfg):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def check_finite(cfg):
+    """Every number finite (nan and inf pass every range test written as a comparison), in its range, and no
+    size so large that a typo allocates the machine away; checked for whichever of these flags cfg has."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for name in names:
+        values = getattr(cfg, name)
+        for v in values if isinstance(values, tuple) else (values,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
+    if not 0 <= cfg.seed < 2 ** 31:
+        raise UsageError(f"--seed must lie in [0, 2^31) (got {cfg.seed})")
+    for name, (lo, hi) in SIZE_LIMITS.items():
+        if name in names and not lo <= getattr(cfg, name) <= hi:
+            raise UsageError(f"--{name.replace('_', '-')} must lie in [{lo}, {hi}] (got {getattr(cfg, name)})")
+    if getattr(cfg, "channels", 32) % 32:
+        raise UsageError(f"--channels must be a multiple of 32, the UNet's GroupNorm groups (got {cfg.channels})")
+    for name in POSITIVE:
+        if name in names and not getattr(cfg, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number (got {getattr(cfg, name)})")
+    for name in NON_NEGATIVE:
+        if name in names and not getattr(cfg, name) >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
+    if "ema" in names and (not cfg.ema or not all(0 < d < 1 for d in cfg.ema)):
+        raise UsageError(f"every --ema decay must lie in (0, 1) (got {list(cfg.ema)})")
+
+
+POSITIVE = ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden", "fid_samples",
+            "lr", "grad_clip")
+NON_NEGATIVE = ("warmup", "fid_every", "skip_nonfinite")
+SIZE_LIMITS = dict(hidden=(1, 65536), channels=(32, 4096), num_res_blocks=(1, 32), workers=(0, 256),
+                   resolution=(0, 4096), eval_samples=(1, 10 ** 7), fid_samples=(1, 10 ** 7),
+                   teacher_steps=(1, 10 ** 9))
+
+
+@contextlib.contextmanager
+def refusing():
+    """The method's own checks in realuid.py raise ValueError (a coefficient out of range, an unknown matching
+    model, a network too small for the GAN head): on the command line they are refusals like any other."""
+    try:
+        yield
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def fail(prog, e, code=2):
+    """One line on stderr; exit code 2 for bad input, 1 for a run that failed."""
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return code
+
+
+def failed(prog, e, undo=None, saved=None):
+    """The exit code of a run that raised, after taking away the folders in `undo` that hold no work: 2 for bad
+    input (UsageError), 1 for a run that failed (divergence, a disk that stays full), naming the last good save."""
+    undo_folder(undo)
+    if isinstance(e, UsageError):
+        return fail(prog, e)
+    if isinstance(e, Diverged):
+        e = f"{e}; " + (f"the last good checkpoint is {saved}" if saved else "no checkpoint was saved before")
+    elif e.strerror:  # an OSError of the system's, not the Supervisor's own account
+        e = f"could not write {e.filename or 'a file'} ({e.strerror}); the last good checkpoint is {saved or 'none'}"
+    return fail(prog, e, code=1)
+
+
+def new_folder(path):
+    """makedirs; returns the topmost folder it created (None if path existed), which a refused run takes away."""
+    top, parent = None, os.path.abspath(path)
+    while not os.path.exists(parent):
+        top, parent = parent, os.path.dirname(parent)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the output folder {path} ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"the output folder {path} is not writable")
+    return top
+
+
+def undo_folder(top):
+    """A run refused before it saved anything takes away the folders it created (logs, an empty samples/, an
+    empty runs/), and keeps any folder with work in it (checkpoints, a teacher trained on the spot)."""
+    if top and os.path.isdir(top) and not any(f.endswith((".pt", ".safetensors")) for _, _, fs in os.walk(top)
+                                              for f in fs):
+        import shutil
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def check_dependent(user, dependent):
+    """Refuse a flag given without the flag it belongs to ({flag: parent})."""
+    for flag, parent in dependent.items():
+        if flag in user and not user.get(parent):
+            raise UsageError(f"--{flag.replace('_', '-')} applies only with --{parent.replace('_', '-')}")
+
+
+def count_parameters(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def resumed_flags(user, saved, path, resumable, **fixed):
+    """The saved configuration, with the `resumable` flags the user gave (others are refused), `fixed` values,
+    and the output folder of the file at path."""
+    other = sorted(k for k in user if k not in resumable)
+    if other:
+        raise UsageError(f"--resume continues the saved configuration; only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in resumable[:-1])} may change "
+                         f"(got --{other[0].replace('_', '-')})")
+    return {**{k: v for k, v in saved.items() if k != "resume"}, **fixed,
+            "out": os.path.dirname(os.path.abspath(path)), **{k: v for k, v in user.items() if k in resumable}}
+
+
+def resumed_run(user, resumable, kind, prog, name=None, **fixed):
+    """(the checkpoint, the flags) of --resume: a file of this kind, or an output folder's file `name` (default:
+    its newest checkpoint-*.pt); the saved configuration with only the resumable flags the user gave changed."""
+    path = user["resume"]
+    path = (os.path.join(path, name) if name else latest_checkpoint(path)) if os.path.isdir(path) else path
+    ckpt = load_checkpoint(path, "checkpoint to resume")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        raise UsageError(f"{path} is not a {prog} training checkpoint and cannot be resumed")
+    return ckpt, resumed_flags(user, ckpt["config"], path, resumable, **fixed)
+
+
+# =============================================================================
+# Devices and precision
+# =============================================================================
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but this PyTorch sees no CUDA device")
+    return device
+
+
+def use_bf16(precision, device, spec=None):
+    """Whether the networks run in bf16 autocast. auto: UNets on hardware with fast bf16 matrix units (CUDA
+    cards with bf16, CPUs with AMX); a CPU with AVX512-BF16 alone ran bf16 at half its fp32 speed (README)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if (spec or {}).get("type", "unet") != "unet":
+        return False  # a small MLP gains nothing and loses the fine differences f* - f the generator follows
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def set_precision(precision, device, deterministic=False):
+    """TF32 matrix products on CUDA unless fp32 is asked for exactly; deterministic kernels where asked."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for it
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+
+
+# =============================================================================
+# torchrun ranks and the non-finite guard: the two hooks of the method's update
+# =============================================================================
+
+@dataclass
+class Ranks:
+    """This process's place under torchrun. Every rank draws the random numbers of the whole global batch
+    from the same seed and keeps its own rows, and gradients are averaged over ranks: N ranks compute what
+    one process with the global batch computes, up to the order of float sums, and batch k = f(seed, k)
+    holds for any number of ranks."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives run (NCCL: this rank's card)
+    flat: dict = field(default_factory=dict, repr=False)  # one all-reduce buffer per gradient size, kept
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def shard(self, x):
+        n = x.shape[0] // self.world
+        return x if self.world == 1 else x[self.rank * n:(self.rank + 1) * n]
+
+    def draw(self, fn, *xs):
+        """fn(*xs) for this rank's rows, where fn draws per-sample random numbers from its inputs' shapes."""
+        if self.world == 1:
+            return fn(*xs)
+        return self.shard(fn(*(None if x is None else x.repeat(self.world, *[1] * (x.dim() - 1)) for x in xs)))
+
+    def average(self, params):
+        """Replace every gradient by its mean over ranks (one all-reduce of all of them, flattened)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.world == 1 or not grads:
+            return
+        import torch.distributed as dist
+        n = sum(g.numel() for g in grads)
+        if n not in self.flat:  # allocated once: the fake model's and the generator's sizes
+            self.flat[n] = grads[0].new_empty(n)
+        flat = torch.cat([g.reshape(-1) for g in grads], out=self.flat[n])
+        dist.all_reduce(flat)
+        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.div_(self.world).split(
+            [g.numel() for g in grads]), grads)])
+
+    def check_replicas(self, nets):
+        """Raise if the ranks' copies of these networks differ at all (same draws and averaged gradients keep
+        them bitwise equal; a nondeterministic kernel or a lost update would not)."""
+        if self.world == 1 or not nets:
+            return
+        import torch.distributed as dist
+        sums = torch.stack([p.detach().double().sum() for net in nets for p in net.parameters()]).to(self.device)
+        low, high = sums.clone(), sums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise UsageError(f"the {self.world} ranks' weights have drifted apart (largest difference of a "
+                             f"parameter sum {float((high - low).max()):.3g}); the checkpoint is rank 0's")
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def any(self, flag):
+        """Whether any rank has the flag set (a stop request that must end every rank at the same update)."""
+        if self.world == 1:
+            return bool(flag)
+        import torch.distributed as dist
+        v = torch.tensor([float(bool(flag))], device=self.device)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        return bool(v.item())
+
+
+def init_ranks(device_name):
+    """(Ranks, device): torchrun's environment starts a process group (NCCL on CUDA, gloo on CPUs) and gives
+    each rank its own card; without it, one process."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Ranks(), device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device), device
+
+
+def check_world(batch_size, ranks):
+    if batch_size % ranks.world:
+        raise UsageError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
+                         f"{ranks.world} ranks")
+
+
+class NonFinite:
+    """Updates whose loss or gradient is not finite are skipped and counted on the device, with no host sync:
+    the fused Adam kernel leaves the weights, moments and step count alone where found_inf is set (as under
+    GradScaler). The counts are read where the loop syncs anyway (log lines, checkpoints)."""
+
+    def __init__(self, names, device):
+        self.names = names
+        self.count = torch.zeros(len(names), device=device)
+        self.first = torch.full((len(names), 3), math.nan, device=device)  # update, loss, gradient norm
+        self.seen = 0
+
+    def step(self, i, optimiser, params, loss, grad_clip, update):
+        """Clip and step network i's optimiser unless loss or gradient is non-finite; returns the gradient norm."""
+        grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if optimiser.param_groups[0].get("fused"):
+            optimiser.found_inf = bad.float()
+            optimiser.step()
+        elif not bad:  # other devices' Adam has no found_inf: this one syncs
+            optimiser.step()
+        self.count[i] += bad
+        new = bad & self.first[i, 0].isnan()
+        found = torch.stack([loss.new_full((), update, dtype=torch.float32), loss.detach().float(), grad_norm.float()])
+        self.first[i] = torch.where(new, found, self.first[i])
+        return grad_norm
+
+    def check(self, allowed, update):
+        """Raise Diverged past `allowed` skipped updates; returns a warning line when the count grew, else None."""
+        counts = [int(c) for c in self.count.tolist()]
+        if sum(counts) <= self.seen:
+            return None
+        self.seen = sum(counts)
+        first, name = min((row, name) for row, name, c in zip(self.first.tolist(), self.names, counts) if c)
+        what = f"update {int(first[0])}: the {name}'s loss is {first[1]:.4g} and its gradient norm {first[2]:.4g}"
+        if self.seen > allowed:
+            tally = ", ".join(f"{c} non-finite update(s) of the {n}" for n, c in zip(self.names, counts) if c)
+            raise Diverged(f"{what}; stopped at update {update} ({tally}). Try a lower --lr, beta/alpha closer to "
+                           f"1, a larger --K, or --skip-nonfinite N to skip up to N such updates")
+        return f"skipped {self.seen} non-finite update(s) of --skip-nonfinite {allowed} (the first: {what})"
+
+
+class Guard:
+    """The update hook (`apply`) that realuid.py's steps call: the gradients averaged over torchrun's ranks,
+    then the clipped Adam step under the non-finite guard."""
+
+    def __init__(self, ranks, names, device):
+        self.ranks, self.nonfinite = ranks, NonFinite(names, device)
+
+    def __call__(self, i, optimiser, params, loss, grad_clip, update):
+        self.ranks.average(params)
+        return self.nonfinite.step(i, optimiser, params, loss, grad_clip, update)
+
+
+def finish(code):
+    """The exit code, after leaving torchrun's process group (if any) cleanly."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
+
+
+# =============================================================================
+# Checkpoints: atomic saves, weights-only reads, safetensors
+# =============================================================================
+
+def save_checkpoint(obj, path, write=None):
+    """Atomic and durable: written beside, flushed to the disk, then renamed over the target, so a crash, a kill
+    or a full disk at any moment leaves the previous file whole (and no partial file behind, except after a
+    SIGKILL: stale_temporaries clears those)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            (write or torch.save)(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself reaches the disk too (POSIX)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def stale_temporaries(folder):
+    """Remove the partial files of saves that a SIGKILL or a power cut interrupted."""
+    for name in os.listdir(folder):
+        if ".pt.tmp-" in name:
+            os.remove(os.path.join(folder, name))
+
+
+def checkpoints_in(folder):
+    names = [f for f in os.listdir(folder) if f.startswith("checkpoint-") and f.endswith(".pt")]
+    return [os.path.join(folder, f) for f in sorted(names)]
+
+
+def save_rotating(obj, out, step, keep):
+    """checkpoint-<step>.pt, keeping the newest `keep`."""
+    save_checkpoint(obj, os.path.join(out, f"checkpoint-{step:08d}.pt"))
+    for old in checkpoints_in(out)[:-keep]:
+        os.remove(old)
+
+
+def latest_checkpoint(path):
+    """A checkpoint file as given, or the newest checkpoint-*.pt of an output folder."""
+    if os.path.isdir(path):
+        found = checkpoints_in(path)
+        if not found:
+            raise UsageError(f"the folder {path} holds no checkpoint-*.pt to resume from")
+        return found[-1]
+    return path
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """Checkpoints are plain containers of tensors: loaded with weights_only=True, never unpickled."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path} does not exist")
+    if is_safetensors(path):
+        raise UsageError(f"{what} {path} is a safetensors file of one network's weights, not a training checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"[Uu]nsupported (?:GLOBAL|global):? *(?:GLOBAL )?([\w.]+)", str(e))
+        if found:  # a class or function to call: what a malicious file needs
+            raise UsageError(f"{what} {path} holds pickled Python objects that could run code ({found.group(1)}); "
+                             f"refused: checkpoints are read as tensors, numbers and strings only "
+                             f"(weights_only=True)") from None
+        raise UsageError(f"{what} {path} could not be read as a weights-only PyTorch file (not a checkpoint, or "
+                         f"cut short)") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{what} {path} could not be read as a weights-only PyTorch file ({first})") from None
+
+
+def is_safetensors(path):
+    """A safetensors file opens with its header's length (8 bytes, little-endian), then the header's '{'."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return head[8:] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+SAFETENSORS_METADATA = ("version", "kind", "weights", "field", "data", "matching", "config")  # JSON strings
+
+
+def read_safetensors(path, what="teacher", ema=None):
+    """The checkpoint dict of an `eval.py export` file: its one network's weights under "net" (a teacher) or
+    "generator", the rest from its metadata. No pickle. `ema` must name the exported EMA: there is no other."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        ckpt = {k: json.loads(meta[k]) for k in SAFETENSORS_METADATA if k in meta}
+    except Exception as e:
+        raise UsageError(f"{what} {path} could not be read as a safetensors file of realuid's ({e})") from None
+    missing = [k for k in SAFETENSORS_METADATA if k not in ckpt]
+    if missing:
+        raise UsageError(f"{what} {path} is a safetensors file without realuid's metadata (no "
+                         f"{', '.join(missing)}): write it with eval.py export")
+    name = ckpt["weights"]  # "generator", "net" or "ema <decay>"
+    if ema is not None and not (name.startswith("ema ") and float(name[4:]) == float(ema)):
+        raise UsageError(f"{what} {path} holds only the {name} weights, not EMA {ema}")
+    return {**ckpt, ("generator" if ckpt["kind"] == "generator" else "net"): sd}
+
+
+def strip_prefixes(sd):
+    """DataParallel's "module." and torch.compile's "_orig_mod." wrappers, if every key has one."""
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state(net, state_dict, what):
+    """Strict load with a one-line account of missing / unexpected / mis-shaped keys."""
+    state_dict, own = strip_prefixes(state_dict), net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        def few(keys):
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = [f"missing {few(missing)}" if missing else "",
+                 f"unexpected {few(unexpected)}" if unexpected else "",
+                 f"shape mismatch {few(shapes)}" if shapes else ""]
+        raise UsageError(f"{what} does not match the network: " + "; ".join(p for p in parts if p))
+    net.load_state_dict(state_dict, strict=True)
+    return net
+
+
+def pick_ema(emas, ema, what):
+    """The weights of EMA decay `ema` (keys are decays as strings); None picks the smallest decay."""
+    if ema is None:
+        return emas[min(emas, key=float)]
+    key = next((k for k in emas if float(k) == float(ema)), None)
+    if key is None:
+        raise UsageError(f"{what} holds no EMA {ema}; it has {', '.join(sorted(emas, key=float)) or 'none'}")
+    return emas[key]
+
+
+def rng_state(device):
+    """The random state a resume needs, as tensors: the CPU's and this rank's card's (the others belong to
+    other ranks under torchrun)."""
+    rng = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng["cpu"])
+    cuda = rng.get("cuda")
+    if cuda is not None and device.type == "cuda":
+        if isinstance(cuda, (list, tuple)):  # files before torchrun held every card's state
+            cuda = cuda[device.index or 0]
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def state_of(device, step, **parts):
+    """A training state as plain tensors and numbers (loads with weights_only=True): every part's state_dict (a
+    dict of networks keyed by EMA decay: each one's), the update count and the random state."""
+    def sd(part):
+        return {str(k): v.state_dict() for k, v in part.items()} if isinstance(part, dict) else part.state_dict()
+    return dict({k: sd(part) for k, part in parts.items() if part is not None}, step=step, rng=rng_state(device))
+
+
+def restore(ckpt, device, **parts):
+    """state_of's parts loaded back, optimisers keeping this machine's fused-kernel choice; returns the step."""
+    for k, part in parts.items():
+        for p, saved in ((part[d], ckpt[k][str(d)]) for d in part) if isinstance(part, dict) else \
+                ((part, ckpt[k]),) if part is not None else ():
+            load_keeping_fused(p, saved)
+    set_rng_state(ckpt["rng"], device)
+    return ckpt["step"]
+
+
+def distill_parts(state):
+    """What realuid.py's RealUID state saves and restores, by checkpoint key."""
+    return dict(generator=state.generator.g, fake=state.fake, ema=state.ema, opt_gen=state.opt_gen,
+                opt_fake=state.opt_fake, sched_gen=state.sched_gen, sched_fake=state.sched_fake, disc=state.disc)
+
+
+def load_keeping_fused(optimiser, saved):
+    """An optimiser's (or scheduler's) saved state, keeping this machine's choice of the fused Adam kernel."""
+    fused = [g.get("fused") for g in getattr(optimiser, "param_groups", [])]
+    optimiser.load_state_dict(saved)
+    for group, f in zip(getattr(optimiser, "param_groups", []), fused):
+        group["fused"] = f
+
+
+def save_json(obj, path):
+    save_checkpoint(obj, path, write=lambda o, f: f.write(json.dumps(o, indent=2).encode()))
+
+
+def rewind_metrics(out, step):
+    """A resumed run's log goes on from its checkpoint: drop the lines a killed run wrote after it."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # the half line of a write cut short
+    save_checkpoint(keep, path, write=lambda lines, f: f.write("".join(lines).encode()))
+
+
+# =============================================================================
+# The supervisor of a training loop: progress, metrics log, saves, signals
+# =============================================================================
+
+SAVE_RETRIES, SAVE_WAIT = 10, 30  # the closing checkpoint waits this long for disk space before giving up
+
+
+class Supervisor:
+    """Everything around a training loop that is not the method. The loop reads its batches through
+    `watch(batches)` and calls `after(step, losses)` after every update; `after` returns True to stop.
+
+    Every `log_every` updates: one host sync, a progress-bar line and a metrics.jsonl row (with `log`), and the
+    non-finite count (raises Diverged past `allowed` skipped updates, before anything is saved). Every
+    `save_every` updates and at the end: `write()` saves the checkpoint; a failure (a full disk) warns and
+    training goes on, and the closing save retries for SAVE_RETRIES x SAVE_WAIT seconds. `sample(step)` and
+    `score(step) -> {name: value}` run every `sample_every` and `score_every` updates. SIGINT or SIGTERM stops
+    at the next update boundary (under torchrun: the next log line, where the ranks agree) with a checkpoint;
+    `stopped` holds the signal then. An unreadable batch keeps the updates made so far. Rank 0 alone logs,
+    samples and saves; after each save the ranks compare the weights of `replicas()`.
+    """
+
+    def __init__(self, prog, total, start=0, out=None, write=None, ranks=None, nonfinite=None, allowed=0,
+                 log_every=100, save_every=5000, log=True, tensorboard=False, sample=None, sample_every=0,
+                 score=None, score_every=0, replicas=lambda: [], lr=None, saved=lambda: None, desc=None):
+        from tqdm import tqdm
+        self.prog, self.total, self.step, self.out, self.write = prog, total, start, out, write
+        self.ranks, self.nonfinite, self.allowed = ranks or Ranks(), nonfinite, allowed
+        self.log_every, self.save_every = log_every, save_every
+        self.sample, self.sample_every, self.score, self.score_every = sample, sample_every, score, score_every
+        self.replicas, self.lr, self.saved, self.stop, self.stopped, self.last = replicas, lr, saved, [], None, {}
+        self.begin = time.time()
+        main = self.ranks.main
+        self.log = open(os.path.join(out, "metrics.jsonl"), "a") if out and log and main else None
+        self.writer = tensorboard_writer(out) if out and main and tensorboard else None
+        self.bar = tqdm(total=total, initial=start, desc=desc or prog.split(".")[0], dynamic_ncols=True,
+                        disable=None if main else True, mininterval=1.0)
+        self.handlers = catch_signals(lambda signum, _: self.stop.append(signum)) if write else {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        for f in (self.log, self.writer):
+            if f:
+                f.close()
+
+    def warn(self, message):
+        self.bar.write(f"{self.prog}: warning: {message}", file=sys.stderr)
+
+    def watch(self, batches):
+        """The batches; an unreadable file, hours in, first saves the updates made so far."""
+        while True:
+            try:
+                batch = next(batches)
+            except UsageError:
+                if self.write and self.step:
+                    self.save(final=True)
+                raise
+            yield batch
+
+    def save(self, final):
+        """Rank 0 writes the checkpoint; the ranks then compare weights. A full disk never costs the run."""
+        if self.ranks.main:
+            for attempt in range(SAVE_RETRIES + 1 if final else 1):
+                try:
+                    self.write()
+                    break
+                except OSError as e:
+                    why = (f"could not write the checkpoint of update {self.step} to {self.out} "
+                           f"({e.strerror or e}); the last complete one is {self.saved() or 'none'}")
+                    if not final:
+                        self.warn(f"{why}; training goes on and the next save tries again")
+                    elif attempt < SAVE_RETRIES:
+                        self.warn(f"{why}; free some space: retrying in {SAVE_WAIT} s ({attempt + 1}/{SAVE_RETRIES})")
+                        time.sleep(SAVE_WAIT)
+                    else:
+                        raise OSError(f"{why}; the updates after it are lost") from None
+        self.ranks.check_replicas(self.replicas())
+
+    def record(self, row):
+        try:
+            if self.log:
+                self.log.write(json.dumps(row) + "\n")
+                self.log.flush()
+            if self.writer:
+                for k, v in row.items():
+                    self.writer.add_scalar(k, v, row["step"])
+        except OSError as e:
+            self.warn(f"could not write the metrics log ({e.strerror or e}); training goes on")
+
+    def after(self, step, losses):
+        """After update `step` (losses: tensors, read only at log lines); True: stop now."""
+        self.step = step
+        self.last.update(losses)
+        self.bar.update(1)
+        ranks = self.ranks
+        boundary = step % self.log_every == 0 or step == self.total
+        halt = ranks.any(self.stop) if boundary or ranks.world == 1 else False
+        saving = self.write and (step % self.save_every == 0 or step == self.total or halt)
+        if (boundary or saving) and self.nonfinite is not None:
+            skipped = self.nonfinite.check(self.allowed, step)  # raises past the allowance
+            if skipped and ranks.main:
+                self.warn(skipped)
+        if boundary:
+            row = {k: round(float(v), 6) for k, v in self.last.items()}  # the only host sync
+            self.bar.set_postfix({k.replace("_loss", ""): v for k, v in row.items() if k.endswith("loss")},
+                                 refresh=False)
+            seen = self.nonfinite.seen if self.nonfinite is not None else 0
+            self.record(dict(row, step=step, **({} if self.lr is None else dict(lr=self.lr())),
+                             time=round(time.time() - self.begin, 2), **({"skipped_nonfinite": seen} if seen else {})))
+        if self.sample and ranks.main and (step % self.sample_every == 0 or step == self.total):
+            try:
+                self.sample(step)
+            except OSError as e:
+                self.warn(f"could not write the sample grids ({e.strerror or e}); training goes on")
+        if self.score and self.score_every and (step % self.score_every == 0 or step == self.total):
+            scores = self.score(step)  # every rank: FID generation is split across them
+            if ranks.main:
+                self.bar.write(f"update {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+                self.record(dict(step=step, **scores))
+        if saving:
+            self.save(final=halt or step == self.total)
+        if halt:
+            self.stopped = self.stop[0] if self.stop else signal.SIGTERM  # a rank told by another
+        return halt
+
+
+def supervise(loop, state, batches, out=None, meta=None, sample_fn=None, score_fn=None):
+    """realuid.py's distill(state, batches, after) under a Supervisor: progress, metrics.jsonl, checkpoints
+    (rank 0), sample grids, scores every cfg.fid_every updates, the non-finite guard's checks (state.apply, a
+    Guard), SIGINT and SIGTERM. Returns None when done, or the signal that stopped it (after a checkpoint)."""
+    cfg, ranks = state.cfg, getattr(state.apply, "ranks", Ranks())
+
+    def write():
+        save_rotating(dict(version=VERSION, kind="generator", config=config_dict(cfg), **(meta or {}),
+                           **state_of(state.device, state.step, **distill_parts(state))), out, state.step, cfg.keep)
+    with Supervisor("realuid.py", cfg.steps, state.step, out, write=write if out else None, ranks=ranks,
+                    saved=lambda: (checkpoints_in(out) or [None])[-1],
+                    nonfinite=getattr(state.apply, "nonfinite", None), allowed=cfg.skip_nonfinite,
+                    log_every=cfg.log_every, save_every=cfg.save_every, tensorboard=cfg.tensorboard,
+                    sample=sample_fn and (lambda step: sample_fn(state, step)), sample_every=cfg.sample_every,
+                    score=score_fn and (lambda step: score_fn(state, step)), score_every=cfg.fid_every,
+                    replicas=lambda: [state.generator, state.fake, *state.ema.values()],
+                    lr=lambda: state.sched_gen.get_last_lr()[0], desc="RealUID") as sup:
+        loop(state, sup.watch(batches), sup.after)
+    return sup.stopped
+
+
+def catch_signals(handler):
+    """Route SIGINT and SIGTERM to handler; returns the previous handlers (main thread only)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def tensorboard_writer(out):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+# =============================================================================
+# Data
+# =============================================================================
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Data:
+    """Training data. Low-dim: float tensors, standardised. Images: uint8 NCHW in memory, or files."""
+    x: torch.Tensor = None
+    y: torch.Tensor = None
+    num_classes: int = None
+    kind: str = "lowdim"  # lowdim | image
+    recipe: str = "lowdim"  # which defaults apply: lowdim | digits | image
+    mean: torch.Tensor = None  # low-dim data: x_net = (x - mean) / std
+    std: torch.Tensor = None
+    x_test: torch.Tensor = None  # held-out real points, in the original coordinates
+    flip: bool = False  # random horizontal flips (images)
+    files: list = None  # an image folder, read by a DataLoader
+    resolution: int = None
+    modes: tuple = None  # (centres, std) of a known Gaussian mixture, in data units (mode coverage)
+    coupled: bool = False  # data-to-data: y holds each point's source x_T, in network coordinates
+    src_test: torch.Tensor = None  # the held-out points' sources (coupled data), in network coordinates
+
+    def __len__(self):
+        return len(self.files) if self.files is not None else len(self.x)
+
+    def shape(self):
+        if self.files is not None:
+            return [3, self.resolution, self.resolution]
+        return list(self.x.shape[1:])
+
+    def info(self, name):
+        return dict(name=name, kind=self.kind, shape=self.shape(), num_classes=self.num_classes, coupled=self.coupled,
+                    mean=None if self.mean is None else self.mean.tolist(),
+                    std=None if self.std is None else self.std.tolist())
+
+
+EIGHT_GAUSSIANS = dict(radius=4.0, std=0.4)
+
+
+def eight_gaussians_centres(radius=EIGHT_GAUSSIANS["radius"]):
+    angle = torch.arange(8) * (2 * math.pi / 8)
+    return radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+
+
+def eight_gaussians(n, seed):
+    """The built-in 2D data: 8 Gaussians on a circle, labels = mode index."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(8, (n,), generator=g)
+    return eight_gaussians_centres()[y] + EIGHT_GAUSSIANS["std"] * torch.randn(n, 2, generator=g), y
+
+
+def gaussian_pairs(n, seed):
+    """The built-in data-to-data task: (x_T, x1) with x_T from mode k of the 8 Gaussians and x1 from mode
+    k - 1 or k + 1, each with probability 1/2: a coupling whose conditional law is bimodal."""
+    x_src, k = eight_gaussians(n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    k1 = (k + 2 * torch.randint(2, (n,), generator=g) - 1) % 8
+    return x_src, eight_gaussians_centres()[k1] + EIGHT_GAUSSIANS["std"] * torch.randn(n, 2, generator=g)
+
+
+def load_npy(path):
+    """N x D floats (low-dim data) or N x H x W x C uint8 images (C = 1 or 3)."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"data file {path} does not exist") from None
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{path} is not a readable .npy array ({e})") from None
+    if x.ndim == 4 and x.dtype == np.uint8 and x.shape[3] in (1, 3) and len(x) >= 2:
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1 or not np.issubdtype(x.dtype, np.number):
+        raise UsageError(f"{path} must hold an N x D array of numbers with N >= 2, or N x H x W x C uint8 "
+                         f"images (got shape {x.shape}, dtype {x.dtype})")
+    x = torch.from_numpy(x.astype(np.float32))
+    if not torch.isfinite(x).all():
+        raise UsageError(f"{path} contains NaN or infinite values")
+    return x
+
+
+def standardise(x, y, num_classes, x_test):
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    return Data(x=(x - mean) / std, y=y, num_classes=num_classes, mean=mean, std=std, x_test=x_test)
+
+
+def load_cifar10(root):
+    """CIFAR-10 train split through torchvision: 50000 x 3 x 32 x 32 uint8 and 10 labels."""
+    from torchvision import datasets
+
+    class CIFAR10(datasets.CIFAR10):
+        # An extracted folder is taken as it is (small stand-ins too): no checksums, no class names.
+        def _check_integrity(self):
+            return os.path.isdir(os.path.join(self.root, self.base_folder))
+
+        def _load_meta(self):
+            self.classes = [str(i) for i in range(10)]
+    folder, created = os.path.join(root, "cifar-10-batches-py"), new_folder(root)
+    try:
+        ds = CIFAR10(root, train=True, download=not os.path.isdir(folder))
+    except Exception:
+        undo_folder(created)
+        raise UsageError(f"CIFAR-10 could not be downloaded: put the extracted cifar-10-batches-py "
+                         f"folder into {os.path.abspath(root)} (or pass --data-root)") from None
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+
+def load_digits(resolution):
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), upsampled: no download needed."""
+    from sklearn.datasets import load_digits as sk_digits
+    d = sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), torch.tensor(d.target)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A folder of images (CelebA and the like): RGB, resized and centre-cropped, uint8 CHW."""
+
+    def __init__(self, files, resolution):
+        from torchvision import transforms
+        self.files = files
+        self.transform = transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution),
+                                             transforms.PILToTensor()])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.files[i]) as im:
+                return self.transform(im.convert("RGB")), 0
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated and foreign files
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"the image {self.files[i]} cannot be read ({why}); replace or remove it") from None
+
+
+def quiet_worker(release, _):
+    """Data-loader processes leave SIGINT and SIGTERM to the main process, which stops at an update boundary
+    (a terminal's Ctrl-C and a scheduler's SIGTERM reach every process of the job). Once the main process
+    exits (release is set), SIGTERM ends them again: that is how multiprocessing stops them then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0) if release.is_set() else None)
+
+
+def worker_release():
+    """The per-process event that quiet_worker waits for: set at exit."""
+    if not hasattr(worker_release, "event"):
+        import atexit
+        import multiprocessing
+        worker_release.event = multiprocessing.Event()
+        atexit.register(worker_release.event.set)  # runs before multiprocessing's own exit hook (LIFO)
+    return worker_release.event
+
+
+def list_images(folder):
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise UsageError(f"the folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_data(cfg):
+    """The data set named by cfg.dataset, with cfg.cond deciding whether labels are kept."""
+    name, res = cfg.dataset, cfg.resolution
+    if name == "8gaussians":
+        x, y = eight_gaussians(20_000, seed=1234)
+        data = standardise(x, y, 8, eight_gaussians(cfg.eval_samples, seed=4321)[0])
+        data.modes = (eight_gaussians_centres().numpy(), EIGHT_GAUSSIANS["std"])
+    elif name == "pairs":
+        x_src, x = gaussian_pairs(20_000, seed=1234)
+        src_test, data_test = gaussian_pairs(cfg.eval_samples, seed=4321)
+        data = standardise(x, None, None, data_test)  # sources and data share one coordinate system
+        data.y, data.src_test, data.coupled = (x_src - data.mean) / data.std, (src_test - data.mean) / data.std, True
+        data.modes = (eight_gaussians_centres().numpy(), EIGHT_GAUSSIANS["std"])
+    elif name == "cifar10":
+        x, y = load_cifar10(cfg.data_root)
+        data = Data(x=x, y=y, num_classes=10, kind="image", recipe="image", flip=True)
+    elif name == "digits":
+        x, y = load_digits(res or 16)
+        data = Data(x=x, y=y, num_classes=10, kind="image", recipe="digits")
+    elif name.endswith(".npy"):
+        x = load_npy(name)
+        if x.dtype == torch.uint8:
+            data = Data(x=x, kind="image", recipe="image")
+        else:
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+            n_test = min(cfg.eval_samples, len(x) // 5) if len(x) >= 10 else 0
+            data = standardise(x[perm[n_test:]], None, None, x[perm[:n_test]] if n_test else x)
+    elif os.path.isdir(name):
+        data = Data(files=list_images(name), resolution=res or 64, kind="image", recipe="image", flip=True)
+    else:
+        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, pairs, digits, cifar10, a folder of images, "
+                         f"or a .npy file (N x D floats or N x H x W x C uint8)")
+    if data.kind == "image" and min(data.shape()[1:]) % 8:
+        raise UsageError(f"{name} holds images of side {data.shape()[1:]}; the UNet needs a multiple of 8"
+                         + (" (--resolution sets it)" if data.files is not None or name == "digits" else ""))
+    if cfg.cond and data.num_classes is None:
+        raise UsageError(f"--cond needs class labels, and {name} has none")
+    if not cfg.cond and not data.coupled:
+        data.y, data.num_classes = None, None
+    return data
+
+
+def check_batch_size(batch_size, data):
+    if batch_size > len(data):
+        raise UsageError(f"--batch-size {batch_size} is larger than the data set ({len(data)} points)")
+
+
+class BatchIndices(torch.utils.data.Sampler):
+    """Batch k is a fixed function of (seed, k): a run resumed at update k sees the same data. Under torchrun
+    (ranks) a distributed sampler: each rank gets its rows of the global batch k."""
+
+    def __init__(self, n, batch_size, seed, start=0, ranks=None):
+        self.n, self.batch_size, self.seed, self.start, self.ranks = n, batch_size, seed, start, ranks or Ranks()
+
+    def __iter__(self):
+        per_epoch, k, epoch, perm = self.n // self.batch_size, self.start, None, None
+        while True:
+            e, i = divmod(k, per_epoch)
+            if e != epoch:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + e)
+                epoch, perm = e, torch.randperm(self.n, generator=g)
+            yield self.ranks.shard(perm[i * self.batch_size:(i + 1) * self.batch_size])
+            k += 1
+
+
+def worker_errors(loader):
+    """A data-loader process's UsageError comes back wrapped in its traceback's text; keep its one line."""
+    it = iter(loader)
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UsageError as e:
+                raise UsageError(str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
+            yield batch
+    finally:
+        del it  # the loader processes stop now, not when a traceback that holds this frame is let go
+
+
+def batches(data, batch_size, device, seed=0, start=0, workers=2, ranks=None):
+    """Endless batches in network coordinates (images in [-1, 1], randomly flipped where asked); under
+    torchrun this rank's share of each global batch of batch_size."""
+    ranks = ranks or Ranks()
+    indices = BatchIndices(len(data), batch_size, seed, start, ranks)
+    if data.files is not None:
+        loader = torch.utils.data.DataLoader(ImageFiles(data.files, data.resolution), batch_sampler=indices,
+                                             num_workers=workers, pin_memory=device.type == "cuda",
+                                             persistent_workers=workers > 0,
+                                             worker_init_fn=functools.partial(quiet_worker, worker_release()),
+                                             generator=torch.Generator().manual_seed(seed))  # not the global RNG:
+        # the loader draws its workers' seed when it starts, which a resumed run does at another update
+        source = ((x.to(device, non_blocking=True), None) for x, _ in worker_errors(loader))
+    else:
+        x = data.x.to(device)
+        y = None if data.y is None else data.y.to(device)
+        source = ((x[i], None if y is None else y[i]) for i in (idx.to(device) for idx in indices))
+    for xb, yb in source:
+        if xb.dtype == torch.uint8:
+            xb = xb.float() / 127.5 - 1
+        if data.flip:
+            flip = ranks.draw(lambda x: torch.rand(len(x), 1, 1, 1, device=device), xb)
+            xb = torch.where(flip < 0.5, xb.flip(-1), xb)
+        yield xb, yb
+
+
+# =============================================================================
+# Images: uint8 and grids
+# =============================================================================
+
+def to_uint8(x):
+    """Images in [-1, 1] to 0..255 as torchcfm's FID script does: (x * 127.5 + 128) clipped, truncated."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def save_grid(x, path):
+    """Images in [-1, 1] as one PNG grid."""
+    from torchvision.utils import save_image
+    save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(x)))))
+
+
+def grid_writer(out, shape, num_classes, device, generate, n=64):
+    """Sample grids of the generator and every EMA, from the same fixed noise each time (generate: the
+    method's sampler, realuid.generate)."""
+    folder = os.path.join(out, "samples")
+    os.makedirs(folder, exist_ok=True)
+
+    def write(state, step):
+        nets = {"generator": state.generator.g, **{f"ema{d}": net for d, net in state.ema.items()}}
+        for name, net in nets.items():
+            x = torch.cat(list(generate(net, n, shape, device, None, num_classes, seed=0, matching=state.matching)))
+            save_grid(x, os.path.join(folder, f"{name}-{step:07d}.png"))
+    return write
+
+
+# =============================================================================
+# Scores for model selection and the closing table: W2, energy, modes; FID
+# =============================================================================
+
+def w2_distance(x, y):
+    """Exact 2-Wasserstein distance between two empirical measures of n points each."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) != len(y):
+        raise ValueError(f"W2 by assignment needs equal sizes (got {len(x)} and {len(y)})")
+    cost = cdist(x, y, "sqeuclidean")
+    rows, cols = linear_sum_assignment(cost)
+    return float(np.sqrt(cost[rows, cols].mean()))
+
+
+def energy_distance(x, y):
+    """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (V-statistic; zero iff the laws agree)."""
+    from scipy.spatial.distance import cdist
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
+
+
+def mode_coverage(x, centres, std, radius=3.0):
+    """(modes covered, in-mode fraction) of samples x against a Gaussian mixture with isotropic std.
+
+    A sample is in-mode within radius * std of its nearest centre (in 2D an exact sample is, with
+    probability 1 - exp(-radius^2 / 2) = 0.989 at radius 3); a mode is covered when it holds at least a
+    quarter of its fair share n / K of in-mode samples.
+    """
+    from scipy.spatial.distance import cdist
+    d = cdist(np.asarray(x, dtype=np.float64), np.asarray(centres, dtype=np.float64))
+    in_mode = d.min(1) < radius * std
+    counts = np.bincount(d.argmin(1)[in_mode], minlength=len(centres))
+    return int((counts >= 0.25 * len(x) / len(centres)).sum()), float(in_mode.mean())
+
+
+def to_data_units(x, data_info):
+    """Undo the standardisation of low-dimensional data."""
+    if data_info.get("mean") is not None:
+        x = x * torch.tensor(data_info["std"]) + torch.tensor(data_info["mean"])
+    return x.numpy()
+
+
+class HeldOut:
+    """Low-dim evaluation: samples in data units beside the held-out real points. Coupled data (pairs) are
+    compared as joint points (x_T, x1), each net fed the held-out sources x_T. generate: realuid.generate."""
+
+    def __init__(self, data, generate, matching, device, seed=0):
+        self.data, self.generate, self.matching, self.device, self.seed = data, generate, matching, device, seed
+        self.info, self.n, self.dim = data.info(""), len(data.x_test), data.shape()[0]
+        self.real = self.points(data.x_test, data.src_test, data_units=True)
+
+    def points(self, x, src=None, data_units=False):
+        x = x.numpy() if data_units else to_data_units(x, self.info)
+        return x if src is None else np.concatenate([to_data_units(src, self.info), x], 1)
+
+    def sample(self, net, steps=None):
+        d = self.data
+        x = torch.cat([x.cpu() for x in self.generate(net, self.n, (self.dim,), self.device, steps, d.num_classes,
+                                                      self.seed, matching=self.matching, sources=d.src_test)])
+        return self.points(x, d.src_test)
+
+    def floor(self):
+        """As many training points as held-out ones: the metric's finite-sample floor."""
+        d = self.data
+        idx = torch.randperm(len(d.x), generator=torch.Generator().manual_seed(self.seed))[:self.n]
+        return self.points(d.x[idx], d.y[idx] if d.coupled else None)
+
+    def metrics(self, pts):
+        out = dict(w2=w2_distance(pts, self.real), energy=energy_distance(pts, self.real))
+        if self.data.modes is not None:
+            x = pts[:, -self.dim:]
+            out["modes"], out["in_mode"] = mode_coverage(x, *self.data.modes)
+            if self.data.coupled:
+                out["paired"] = paired_fraction(pts[:, :self.dim], x, self.data.modes[0])
+        return out
+
+
+def paired_fraction(src, x, centres):
+    """The built-in pairs task: the fraction of x whose nearest mode neighbours the source's on the ring."""
+    from scipy.spatial.distance import cdist
+    k_src, k_x = cdist(src, centres).argmin(1), cdist(x, centres).argmin(1)
+    return float(np.isin((k_x - k_src) % len(centres), (1, len(centres) - 1)).mean())
+
+
+def report_lowdim(state, data, out, device, generate, seed=0):
+    """The default run's closing table: W2, energy distance and mode coverage against held-out real data,
+    and a scatter plot."""
+    held = HeldOut(data, generate, state.matching, device, seed)
+    rows = {"real training points": held.floor(),
+            "teacher, 1 step": held.sample(state.teacher, 1),
+            "teacher, 100 steps": held.sample(state.teacher, 100),
+            "RealUID generator, 1 step": held.sample(state.generator.g)}
+    for decay, net in state.ema.items():
+        rows[f"RealUID EMA {decay}, 1 step"] = held.sample(net)
+    results = {name: held.metrics(pts) for name, pts in rows.items()}
+    columns = [c for c in ("modes", "in_mode", "paired") if c in results["teacher, 1 step"]]
+    print(f"\n{'model':<30} {'W2':>8} {'energy':>8}" + "".join(f" {c.replace('_', '-'):>8}" for c in columns)
+          + f"   (to {held.n} held-out real {'pairs' if data.coupled else 'points'})")
+    for name, r in results.items():
+        print(f"{name:<30} {r['w2']:8.4f} {r['energy']:8.4f}" + "".join(
+            f" {r[c]:>6}/{len(data.modes[0])}" if c == "modes" else f" {r[c]:8.3f}" for c in columns))
+    save_json(results, os.path.join(out, "results.json"))
+    if held.dim >= 2:
+        plot_points(held.real[:, -held.dim:], {k: v[:, -held.dim:] for k, v in rows.items()}, results,
+                    os.path.join(out, "samples.png"))
+        print(f"\nscatter plot of real and generated points: {os.path.join(out, 'samples.png')}")
+    return results
+
+
+def plot_points(real, rows, results, path):
+    """Real points beside the teacher at 1 and 100 steps and the best one-step generator."""
+    plt = pyplot()
+    best = min((name for name in rows if name.startswith("RealUID")), key=lambda name: results[name]["w2"])
+    names = ["real (held out)", "teacher, 1 step", "teacher, 100 steps", best]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), sharex=True, sharey=True)
+    for ax, name in zip(axes, names):
+        x = real if name.startswith("real") else rows[name]
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5, color="k" if name.startswith("real") else "C0")
+        ax.set_title(name, fontsize=10)
+        ax.set_aspect("equal")
+    lim = 1.2 * np.abs(real[:, :2]).max()
+    axes[0].set_xlim(-lim, lim)
+    axes[0].set_ylim(-lim, lim)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+INCEPTION_DIR = "/tmp"  # where clean-fid looks for, and downloads, its Inception weights (not on Windows)
+
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the squared W2 distance of two Gaussians.
+
+    tr (S1 S2)^(1/2) is computed as tr (S1^(1/2) S2 S1^(1/2))^(1/2), whose eigenvalues are those of S1 S2 but
+    which is symmetric: two symmetric eigendecompositions give a real answer even for the near-singular
+    covariances of few samples, where scipy's sqrtm(S1 S2) returns complex parts (clean-fid then raises).
+    """
+    from scipy import linalg
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise UsageError(f"the two feature statistics differ in dimension ({len(mu1)} and {len(mu2)})")
+    w, v = linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    m = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean, 0.0))
+
+
+def moments(features):
+    """(n, sum, sum of outer products) of N x D features in float64: they add up across ranks."""
+    f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    return torch.tensor(float(len(f)), dtype=torch.float64), f.sum(0), f.T @ f
+
+
+def statistics(features, ranks=None):
+    """Mean and unbiased covariance of N x D features in float64 (as clean-fid); under torchrun, of all ranks'
+    features together."""
+    n, s1, s2 = moments(features)
+    if ranks is not None and ranks.world > 1:
+        import torch.distributed as dist
+        n, s1, s2 = (v.to(ranks.device) for v in (n, s1, s2))
+        for v in (n, s1, s2):
+            dist.all_reduce(v)
+        n, s1, s2 = (v.cpu() for v in (n, s1, s2))
+    mu = s1 / n
+    return mu.numpy(), ((s2 - n * torch.outer(mu, mu)) / (n - 1)).numpy()
+
+
+class InceptionFeatures:
+    """clean-fid's Inception pool features (2048) of uint8 images, in its `legacy_tensorflow` or `clean` mode."""
+
+    def __init__(self, mode, device):
+        from cleanfid import downloads_helper
+        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.resize import build_resizer
+        if mode not in ("legacy_tensorflow", "clean"):
+            raise UsageError(f"unknown FID mode {mode!r}: use legacy_tensorflow (the paper's) or clean")
+        try:
+            downloads_helper.check_download_inception(INCEPTION_DIR)
+            model = InceptionV3W(INCEPTION_DIR, download=False, resize_inside=mode == "legacy_tensorflow")
+        except Exception:
+            raise UsageError(f"clean-fid's Inception weights are missing and could not be downloaded: put "
+                             f"{INCEPTION_FILE} ({downloads_helper.inception_url}) into {INCEPTION_DIR}") from None
+        self.model, self.device, self.mode = model.to(device).eval(), device, mode
+        self.resize = None if mode == "legacy_tensorflow" else build_resizer(mode)
+        self.name = f"inception-{mode}"
+
+    @torch.no_grad()
+    def __call__(self, images):
+        images = images.expand(-1, 3, -1, -1)  # grey images as RGB
+        if self.resize is not None:  # clean-fid resizes each image on the CPU, in float (PIL bicubic)
+            images = torch.stack([torch.from_numpy(self.resize(im.permute(1, 2, 0).cpu().numpy())).permute(2, 0, 1)
+                                  for im in images])
+        return self.model(images.to(self.device)).cpu().numpy()
+
+
+class NetworkFeatures:
+    """Offline features: a realuid UNet's middle block at t = 1 (the data end), averaged over space.
+
+    For small or private data with no Inception at hand; its numbers are comparable only among themselves.
+    """
+
+    def __init__(self, path, device, image_size, load_field):
+        net, ckpt = load_field(path, "feature network", image_size=image_size)
+        if not hasattr(net, "input_blocks") or getattr(net, "num_classes", None) is not None:
+            raise UsageError(f"--features {path} must be an unconditional image network (a UNet teacher.pt)")
+        self.net, self.device = net.to(device).eval(), device
+        self.channels = ckpt["field"]["in_channels"]
+        st = os.stat(path)
+        self.name = f"net-{os.path.abspath(path)}-{st.st_size}-{st.st_mtime_ns}"
+
+    @torch.no_grad()
+    def __call__(self, images):
+        if images.shape[1] != self.channels:
+            raise UsageError(f"the feature network takes {self.channels}-channel images, these have "
+                             f"{images.shape[1]}")
+        x = images.to(self.device).float() / 127.5 - 1
+        return self.net.encode(torch.ones(len(x), device=self.device), x).mean((2, 3)).cpu().numpy()
+
+
+def real_images(data, batch_size=500):
+    """uint8 N x C x H x W batches of a data set as the generator sees it (resized, cropped; no flips)."""
+    if data.files is None:
+        yield from data.x.split(batch_size)
+        return
+    loader = torch.utils.data.DataLoader(ImageFiles(data.files, data.resolution), batch_size=batch_size)
+    yield from (x for x, _ in loader)
+
+
+class FID:
+    """The features and the reference statistics, prepared once; then FID(net, n, seed) per network.
+
+    ref: "cifar10" with Inception features takes clean-fid's precomputed CIFAR-10 train statistics (the
+    paper's protocol); a .npz holds mu and sigma; anything else names images as --dataset takes them, whose
+    statistics are computed once and cached in cache_dir.
+    """
+
+    def __init__(self, ref, features, mode, shape, device, cache_dir, load=None, batch_size=500, bf16=False,
+                 ranks=None, generate=None, load_field=None):
+        mode = mode if mode != "auto" else "legacy_tensorflow" if ref == "cifar10" else "clean"
+        self.shape, self.device, self.batch_size, self.bf16 = tuple(shape), device, batch_size, bf16
+        self.ranks, self.generate = ranks or Ranks(), generate
+        reference = None  # precomputed statistics are read first: a missing download fails before any work
+        if ref == "cifar10" and features == "inception":
+            if self.shape != (3, 32, 32):
+                raise UsageError(f"clean-fid's CIFAR-10 statistics are for 3x32x32 images, the generator makes "
+                                 f"{'x'.join(map(str, self.shape))}")
+            reference = (*clean_fid_statistics("cifar10", 32, mode, "train"),
+                         f"clean-fid {mode}, CIFAR-10 train statistics")
+        elif ref.endswith(".npz"):
+            reference = (*read_statistics(ref), ref)
+        self.extract = (InceptionFeatures(mode, device) if features == "inception"
+                        else NetworkFeatures(features, device, shape[-1], load_field))
+        self.mu, self.sigma, self.ref = reference or self.data_statistics(ref, load, cache_dir)
+        self.describe = f"{'Inception, ' + mode if features == 'inception' else 'features of ' + features}; " \
+                        f"reference {self.ref}"
+
+    def data_statistics(self, ref, load, cache_dir):
+        data = load(ref)
+        if data.kind != "image" or tuple(data.shape()) != self.shape:
+            raise UsageError(f"the FID reference {ref} holds {'x'.join(map(str, data.shape()))} "
+                             f"{'images' if data.kind == 'image' else 'points'}, but the generator makes "
+                             f"{'x'.join(map(str, self.shape))} images")
+        key = hashlib.sha1(json.dumps([os.path.abspath(ref) if os.path.exists(ref) else ref, list(self.shape),
+                                       len(data), self.extract.name]).encode()).hexdigest()[:12]
+        path = os.path.join(cache_dir, f"fid-reference-{key}.npz")
+        if os.path.isfile(path):
+            mu, sigma = read_statistics(path)
+        else:
+            from tqdm import tqdm
+            batches = tqdm(real_images(data, self.batch_size), desc=f"FID reference: {len(data)} images",
+                           total=math.ceil(len(data) / self.batch_size), unit="batch", disable=None, leave=False)
+            mu, sigma = statistics(np.concatenate([self.extract(x) for x in batches]))
+            os.makedirs(cache_dir, exist_ok=True)
+            save_checkpoint(dict(mu=mu, sigma=sigma, n=len(data), ref=ref), path,
+                            write=lambda arrays, f: np.savez(f, **arrays))
+        return mu, sigma, f"{ref} ({len(data)} images; statistics cached in {path})"
+
+    def features(self, net, n, seed, steps=None, num_classes=None, matching=None):
+        """Features of n generated images; under torchrun this rank's share of them, from its own seed."""
+        r = self.ranks
+        n = n // r.world + (r.rank < n % r.world)
+        return np.concatenate([self.extract(to_uint8(x)) for x in self.generate(
+            net, n, self.shape, self.device, steps, num_classes, seed * r.world + r.rank, self.batch_size, self.bf16,
+            progress=f"FID: {n} samples" if r.main else None, matching=matching)])
+
+    def __call__(self, net, n, seed=0, steps=None, num_classes=None, matching=None):
+        features = self.features(net, n, seed, steps, num_classes, matching)
+        return frechet_distance(*statistics(features, self.ranks), self.mu, self.sigma)
+
+
+def clean_fid_statistics(name, res, mode, split):
+    from cleanfid import features
+    folder = os.path.join(os.path.dirname(features.__file__), "stats")
+    try:
+        return features.get_reference_statistics(name, res, mode=mode, split=split)
+    except Exception:
+        raise UsageError(f"clean-fid's reference statistics are missing and could not be downloaded: put "
+                         f"{name}_{mode}_{split}_{res}.npz into {folder}") from None
+
+
+def read_statistics(path):
+    try:
+        with np.load(path) as z:
+            return z["mu"], z["sigma"]
+    except (OSError, KeyError, ValueError) as e:
+        raise UsageError(f"{path} is not a .npz of FID statistics with mu and sigma ({e})") from None
+
+
+def load_reference_data(resolution, data_root):
+    """A loader of FID reference images given as --dataset takes them, at the training run's resolution."""
+    def load(ref):
+        return load_data(argparse.Namespace(dataset=ref, cond=False, seed=0, eval_samples=2000,
+                                            resolution=resolution, data_root=data_root))
+    return load
+
+
+class ModelSelection:
+    """Scores the generator and every EMA; keeps best-<net>.pt (best-generator.pt, best-0.999.pt, ...) holding
+    the weights with the lowest score so far. Images: FID; low-dim data: W2 to the held-out points."""
+
+    def __init__(self, cfg, data, out, device, meta, matching, generate, load_field, resumed=False, ranks=None):
+        self.cfg, self.out, self.meta, self.device, self.ranks = cfg, out, meta, device, ranks or Ranks()
+        self.shape, self.num_classes = tuple(data.shape()), data.num_classes
+        if data.kind == "lowdim":
+            self.metric, held = "w2", HeldOut(data, generate, matching, device, cfg.seed)
+            self.score = lambda net: w2_distance(held.sample(net), held.real)
+        else:
+            self.metric = "fid"
+            ref = cfg.fid_ref or ("cifar10" if cfg.dataset == "cifar10" else cfg.dataset)
+            load = load_reference_data(data.shape()[-1], cfg.data_root)
+            fid = FID(ref, cfg.fid_features, "auto", self.shape, device, out,
+                      lambda r: data if r == cfg.dataset else load(r), ranks=self.ranks, generate=generate,
+                      load_field=load_field)
+            if self.ranks.main:
+                print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
+            self.score = lambda net: fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching)
+        self.best = {}  # a fresh run overwrites older best files; a resumed one keeps its best scores
+        for name in os.listdir(out) if resumed else []:
+            if name.startswith("best-") and name.endswith(".pt"):
+                self.best[name[5:-3]] = load_checkpoint(os.path.join(out, name))["score"]
+
+    def __call__(self, state, step):
+        """Scores on every rank (FID generation is split across them); rank 0 keeps the files. W2 is rank 0's."""
+        if self.metric == "w2" and not self.ranks.main:
+            return {}
+        nets = {"generator": state.generator.g, **{str(d): net for d, net in state.ema.items()}}
+        row = {}
+        for name, net in nets.items():
+            row[f"{self.metric}/{name}"] = value = self.score(net)
+            if value < self.best.get(name, math.inf) and self.ranks.main:
+                try:
+                    save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(self.cfg), **self.meta,
+                                         step=step, metric=self.metric, score=value, generator=net.state_dict()),
+                                    os.path.join(self.out, f"best-{name}.pt"))
+                    self.best[name] = value
+                except OSError as e:  # a full disk: the previous best file stays; training goes on
+                    print(f"realuid.py: warning: could not write best-{name}.pt ({e.strerror or e})", file=sys.stderr)
+        return row
+
+    def summary(self):
+        return ", ".join(f"best-{name}.pt {self.metric} {value:.4f}" for name, value in sorted(self.best.items()))
