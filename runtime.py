@@ -439,8 +439,12 @@ class Guard:
 
 
 def finish(code):
-    """The exit code, after leaving torchrun's process group (if any) cleanly."""
+    """The exit code, after leaving torchrun's process group (if any) cleanly: ranks that all finished (or all
+    stopped at a signal) first wait for each other, so that none tears its connections down while rank 0 still
+    writes the closing table (a rank once aborted in its exit, in the test of SIGTERM under torchrun)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if code == 0 or code > 128:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return code
 

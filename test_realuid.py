@@ -1786,7 +1786,7 @@ def test_ranks_draw_the_rows_of_the_global_batch_that_one_process_draws(world, p
         x0_r, t_r = R.noise_and_time(m, ranks.shard(x), ranks.shard(x), ranks.draw)
         assert torch.equal(x0_r, ranks.shard(x0)) and torch.equal(t_r, ranks.shard(t))
         torch.manual_seed(seed)  # the generator step's z: drawn like a tensor of this rank's shape
-        z = ranks.draw(torch.randn_like, torch.empty(per_rank, 3))
+        z = ranks.draw(torch.randn_like, torch.empty(()).expand(per_rank, 3))
         torch.manual_seed(seed)
         assert torch.equal(z, ranks.shard(torch.randn(world * per_rank, 3)))
     shards = [iter(RT.BatchIndices(50, 12, seed, 3, RT.Ranks(r, world))) for r in range(world)]
