@@ -652,7 +652,8 @@ def realum_loss(f_gen, u_gen, f_real, u_real, alpha, beta):
 
 
 def realuid_generator_loss(f_star, f, u_gen, alpha, beta):
-    # Algorithm 1 line 8: the theta-dependent part of L_RUM(u*) - L_RUM(u_psi), eq. 17
+    # Algorithm 1 line 8: the theta-dependent part of L_RUM(u*) - L_RUM(u_psi), eq. 17. Def. 3 with gamma = alpha
+    # equals it only up to rounding (Lemma 3, tested): kept as the paper writes it, and runs keep their weights
     c = beta / alpha
     return alpha * (sqnorm(f_star - c * u_gen) - sqnorm(f - c * u_gen))
 

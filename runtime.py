@@ -272,7 +272,7 @@ def resolve_device(name):
 
 def use_bf16(precision, device, spec=None):
     """Whether the networks run in bf16 autocast. auto: UNets on hardware with fast bf16 matrix units (CUDA
-    cards with bf16, CPUs with AMX); a CPU with AVX512-BF16 alone ran bf16 at half its fp32 speed (README)."""
+    cards with bf16, CPUs with AMX); a CPU with AVX512-BF16 alone ran bf16 at half its fp32 speed (docs/speed.md)."""
     if precision != "auto":
         return precision == "bf16"
     if (spec or {}).get("type", "unet") != "unet":

@@ -2236,7 +2236,7 @@ CLI_FLAGS = ["alpha", "beta", "gamma", "alpha-sid", "K", "lr", "batch-size", "wa
 SWITCHES = ["--cond", "--gan", "--dmd", "--normalized", "--deterministic", "--channels-last", "--bogus", "--alpha"]
 counter = iter(range(10 ** 9))
 # The two properties below run fixed examples (derandomize), so that CI cannot fail on a draw no one has seen;
-# each was explored with 300 to 600 random examples per run (README: Reliability).
+# each was explored with 300 to 600 random examples per run (docs/reliability.md).
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
