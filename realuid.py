@@ -1036,7 +1036,7 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
         return net
     save_checkpoint(dict(version=VERSION, kind="teacher", config=config_dict(cfg), matching=m.spec(),
                          data=data.info(cfg.dataset), field=spec, net=net.state_dict(),
-                         ema={str(d): m.state_dict() for d, m in ema.items()}), path)
+                         ema={str(d): e.state_dict() for d, e in ema.items()}), path)
     if data.kind == "image" and cfg.sample_steps > 0:  # what the teacher has learnt
         grid = os.path.join(os.path.dirname(path), "teacher-samples.png")
         save_grid(sample_field(ema[min(ema)], 64, data.shape(), device, cfg.sample_steps, data.num_classes,
