@@ -446,6 +446,13 @@ def finish(code):
         if code == 0 or code > 128:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        # A rank's C++ teardown at interpreter exit sometimes aborts (SIGABRT, "terminate called without an active
+        # exception") on a loaded machine, after all its work is saved: run Python's exit handlers, then leave.
+        import atexit
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
