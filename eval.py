@@ -11,6 +11,7 @@
 
     python eval.py bench --ladder                     # ms per update: the straightforward loop against ours
     python eval.py reproduce --quick                  # the paper's claims at laptop scale, in minutes
+    python eval.py families --uid --seeds 3           # every matching model on 2D: teacher against one step
 
 The commands live here; the scores they share with a training run's model selection (exact W2, the energy
 distance, mode coverage, FID's features and Frechet distance, the closing table) live in runtime.py.
@@ -21,6 +22,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -30,7 +32,7 @@ import torch
 from realuid import (TEACHER_RECIPES, Config, RealUID, TeacherConfig, UNet, build_field, generate, load_field,
                      main as realuid_main, matching_model, read_field_checkpoint, realuid_generator_loss, realum_loss,
                      sample_field, teacher_step, train_teacher)
-from runtime import (DATA_FIELDS, FID, PRECISIONS, VERSION, Parser, UsageError, config_dict, count_parameters, fail,
+from runtime import (DATA_FIELDS, FID, PRECISIONS, VERSION, HeldOut, Parser, UsageError, config_dict, count_parameters, fail,
                      latest_checkpoint, load_checkpoint, load_data, load_reference_data, make_config, pyplot, refusing,
                      resolve_device, save_checkpoint, save_grid, set_precision, to_data_units, to_uint8, use_bf16)
 
@@ -128,12 +130,12 @@ class StraightforwardRealUID(RealUID):
         cfg, m = self.cfg, self.matching
         with torch.no_grad():
             x_gen = self.generator(torch.randn_like(x_real), y)
-        x0, t = m.noise(x_real, y), m.sample_t(x_real.shape[0], x_real.device)
+        x0, t = m.noise(x_real, y), m.distill_t(x_real.shape[0], x_real.device)
         f_gen = self.fake(t, m.path(x0, x_gen, t), y)
         f_real = self.fake(t, m.path(x0, x_real, t), y)
         # eq. 16
         loss = self._mean(realum_loss(f_gen, m.target(x0, x_gen, t), f_real, m.target(x0, x_real, t), cfg.alpha,
-                                      cfg.beta), t)
+                                      cfg.beta), m.weight(t))
         return self._update(loss, self.opt_fake, self.sched_fake, self.fake)
 
     def generator_step(self, y=None, shape=None, device=None):
@@ -141,11 +143,12 @@ class StraightforwardRealUID(RealUID):
             return self._collect(super().generator_step(y, shape, device))
         cfg, m = self.cfg, self.matching
         x_gen = self.generator(torch.randn(shape, device=device), y)
-        x0, t = m.noise(x_gen, y), m.sample_t(shape[0], device)
+        x0, t = m.noise(x_gen, y), m.distill_t(shape[0], device)
         x_t = m.path(x0, x_gen, t)
         # eq. 17; the backward pass also fills the teacher's and the fake model's unused .grad
-        loss = self._mean(realuid_generator_loss(self.teacher(t, x_t, y), self.fake(t, x_t, y),
-                                                 m.target(x0, x_gen, t), cfg.alpha, cfg.beta), t)
+        f_star = self.teacher(t, x_t, y)
+        loss = self._mean(realuid_generator_loss(f_star, self.fake(t, x_t, y), m.target(x0, x_gen, t), cfg.alpha,
+                                                 cfg.beta), m.generator_weight(t, x_t, x_gen, f_star))
         return self._update(loss, self.opt_gen, self.sched_gen, self.generator, emas=True)
 
     def update_emas(self):
@@ -611,6 +614,94 @@ def cmd_reproduce(args):
     return report
 
 
+# The families of matching models on 2D data: (model, diffusion parameterisation)
+FAMILIES = {"fm": ("fm", ""), "vp": ("vp", "eps"), "vp-score": ("vp", "score"), "ve": ("ve", "edm")}
+
+
+def best_one_step(folder, data, matching, seed):
+    """The run's best one-step net by model selection (the lowest of its best-<net>.pt scores): (name, step,
+    metrics, point sets), scored as the selection scored it."""
+    best = min((load_checkpoint(os.path.join(folder, f)) | dict(name=f[5:-3]) for f in os.listdir(folder)
+                if f.startswith("best-") and f.endswith(".pt")), key=lambda c: c["score"])
+    net = build_field(best["field"])
+    net.load_state_dict(best["generator"])
+    held = HeldOut(data, generate, matching, torch.device("cpu"), seed)
+    sets = held.sample(net)
+    return best["name"], best["step"], held.metrics(sets), sets
+
+
+def cmd_families(args):
+    """For each family and 2D set: a teacher trained with its family's recipe, the default distillation, the
+    teacher at 100 steps of its own sampler against the best one-step net; UID (alpha = beta = 1) beside
+    RealUID with --uid. Tables in summary.md, pictures families-<data>.png."""
+    for name in args.families:
+        if name not in FAMILIES:
+            raise UsageError(f"unknown family {name!r}: use {', '.join(FAMILIES)}")
+    methods = {"RealUID": []} | ({"UID": ["--alpha", "1", "--beta", "1"]} if args.uid else {})
+    out, start, rows, md = args.out, time.time(), [], []
+    os.makedirs(out, exist_ok=True)
+    for dataset in args.datasets:
+        data = load_data(make_config(Config, dict(dataset=dataset)))
+        pictures = {}
+        for family in args.families:
+            model, param = FAMILIES[family]
+            tcfg = make_config(TeacherConfig, dict(dataset=dataset, model=model, param=param,
+                                                   steps=args.teacher_steps), TEACHER_RECIPES["lowdim"])
+            teacher = train_teacher_once(tcfg, data, os.path.join(out, dataset, family, "teacher.pt"))
+            for method, flags in methods.items():
+                for seed in range(args.seeds):
+                    folder = os.path.join(out, dataset, family, method, f"seed{seed}")
+                    _, results = distill_run(["--dataset", dataset, "--teacher", teacher, "--seed", str(seed),
+                                              *flags, *shlex.split(args.flags)], folder)
+                    ckpt = load_checkpoint(latest_checkpoint(folder))
+                    name, step, best, sets = best_one_step(folder, data, matching_model(ckpt["matching"]), seed)
+                    ref = results["teacher, 100 steps"]
+                    rows.append(dict(data=dataset, family=family, method=method, seed=seed, teacher=ref,
+                                     best=best, net=name, step=step))
+                    print(f"{dataset} {family} {method} seed {seed}: teacher (100 steps) W2 {ref['w2']:.3f}, "
+                          f"one step {best['w2']:.3f} ({name} at {step}), {best['modes']}/{len(data.modes)} "
+                          f"parts held; {time.time() - start:.0f} s so far", flush=True)
+                    if seed == 0 and method == "RealUID":
+                        teacher_net, _ = load_field(teacher, "teacher")
+                        held = HeldOut(data, generate, matching_model(ckpt["matching"]), torch.device("cpu"), 0)
+                        pictures[family] = held.sample(teacher_net, 100)[0], sets[0], held.real
+        plot_families(pictures, os.path.join(out, f"families-{dataset}.png"), dataset)
+    md.append(markdown_table(
+        ["data", "family", "method", "seeds", "teacher, 100 steps: W2", "one step (best): W2", "ratio",
+         "parts held", "smallest share", "in parts"],
+        [(d, f, m, len(sel), *("{:.3f} +- {:.3f}".format(*mean_spread(v)) for v in (
+            [r["teacher"]["w2"] for r in sel], [r["best"]["w2"] for r in sel],
+            [r["best"]["w2"] / r["teacher"]["w2"] for r in sel])),
+          "/".join(str(r["best"]["modes"]) for r in sel), "{:.2f}".format(min(r["best"]["min_share"] for r in sel)),
+          "{:.3f}".format(np.mean([r["best"]["in_mode"] for r in sel])))
+         for d, f, m in dict.fromkeys((r["data"], r["family"], r["method"]) for r in rows)
+         for sel in [[r for r in rows if (r["data"], r["family"], r["method"]) == (d, f, m)]]]))
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n\n".join(md) + "\n")
+    print("\n" + "\n\n".join(md))
+    print(f"\nevery run, the pictures and the table in {out}; {time.time() - start:.0f} s in all")
+    return rows
+
+
+def plot_families(pictures, path, dataset):
+    """A row per family: its teacher at 100 steps beside its best one-step net, with the real points."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(pictures), 2, figsize=(7, 3.5 * len(pictures)), sharex=True, sharey=True,
+                             squeeze=False)
+    for row, (family, (teacher, one_step, real)) in zip(axes, pictures.items()):
+        for ax, x, what in zip(row, (teacher, one_step), ("teacher, 100 steps", "one-step generator (best)")):
+            ax.scatter(real[:, 0], real[:, 1], s=1, color="0.8")
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5, color="C0")
+            ax.set_title(f"{family}: {what}", fontsize=10)
+            ax.set_aspect("equal")
+    fig.suptitle(f"{dataset}: real points in grey", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def load_net(args):
     """(path, network, checkpoint, steps, matching model): a generator takes one step (steps None), a teacher
     --steps of its sampler, default 100."""
@@ -860,6 +951,17 @@ def main(argv=None):
     b.add_argument("--budget", type=float, default=30.0, help="seconds per row after which no new call starts")
     b.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     b.add_argument("--out", default="", help="also write the rows to this .json")
+    fam = sub.add_parser("families", help="each matching model on the 2D sets: the teacher at 100 steps against "
+                                          "the best one-step net, UID beside RealUID (about 30 minutes a seed)")
+    fam.add_argument("--datasets", nargs="+", default=["8gaussians", "modes-arc"], help="built-in 2D sets")
+    fam.add_argument("--families", nargs="+", default=list(FAMILIES), help=f"of {', '.join(FAMILIES)}")
+    fam.add_argument("--seeds", type=int, default=1, help="seeds per family and method")
+    fam.add_argument("--uid", action="store_true", help="also UID (alpha = beta = 1)")
+    fam.add_argument("--flags", default="", help="more realuid.py flags for every distillation, e.g. "
+                                                 "--flags='--steps 1500 --lr 1e-4'")
+    fam.add_argument("--teacher-steps", type=int, default=TEACHER_RECIPES["lowdim"]["steps"],
+                     help="updates of each teacher")
+    fam.add_argument("--out", default="runs/families", help="where every run, picture and table goes")
     r = sub.add_parser("reproduce", help="the paper's claims at laptop scale: 1D closed forms, Table 1's grid, "
                                          "Figure 2's convergence, teacher correction (about 30 minutes; --quick)")
     r.add_argument("--quick", action="store_true", help="one seed, short runs: a few minutes")
@@ -868,7 +970,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         {"sample": cmd_sample, "export": cmd_export, "fid": cmd_fid, "efficiency": cmd_efficiency,
-         "bench": cmd_bench, "reproduce": cmd_reproduce}[args.command](args)
+         "bench": cmd_bench, "reproduce": cmd_reproduce, "families": cmd_families}[args.command](args)
     except UsageError as e:
         return fail("eval.py", e)
     return 0

@@ -58,12 +58,14 @@ from runtime import (DATA_FIELDS, VERSION, DistillFlags, Diverged, Guard, ModelS
 class Config(DistillFlags):
     """realuid.py's flags: the method's here, the run's (device, output, logging, checkpoints, FID) in
     runtime.DistillFlags."""
-    dataset: str = opt("8gaussians", "8gaussians (built-in 2D), digits, cifar10, an image folder, or PATH.npy "
+    dataset: str = opt("8gaussians", "8gaussians or modes-arc (built-in 2D), digits, cifar10, an image folder, or PATH.npy "
                                      "(N x D floats or N x H x W x C uint8 images)")
     cond: bool = opt(False, "class-conditional generator, teacher and fake model")
     model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
                          "default: the teacher file's, fm for a teacher trained on the spot")
-    sigma_init: float = opt(2.5, "diffusion: the noise level s/a at which the one-step generator denoises")
+    sigma_init: float = opt(None, "the noise level s/a at which the one-step generator denoises as the teacher "
+                                  "(SiD); default 2.5 for diffusion, and for flow matching on low-dim data (images: "
+                                  "the paper's G(z) = z + g(0, z))", type=float)
     alpha: float = opt(0.92, "RealUM weight of generated data, in (0, 1] (eq. 16)")
     beta: float = opt(0.94, "RealUM weight of the generated target, in (0, 1] (eq. 16)")
     gamma: float = opt(None, "General RealUID (Def. 3): weight of the quadratic term; default: plain RealUID",
@@ -110,6 +112,7 @@ RECIPES = dict(
 
 
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
+SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
 DEPENDENT = dict(parameterization="gamma", lambda_gen="gan", lambda_disc="gan", gan_t_range="gan", dmd_t_max="dmd",
                  init_ema="init_generator")  # flags that mean something only beside another
 RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", "workers", "log_every", "save_every",
@@ -138,11 +141,12 @@ def check_config(cfg):
 @dataclass
 class TeacherConfig(RunFlags):
     """teacher.py's flags (and those of a teacher trained on the spot). Defaults: torchcfm's CIFAR-10 recipe."""
-    dataset: str = opt("8gaussians", "8gaussians (built-in 2D), digits, cifar10, an image folder, or PATH.npy")
+    dataset: str = opt("8gaussians", "8gaussians or modes-arc (built-in 2D), digits, cifar10, an image folder, or PATH.npy")
     cond: bool = opt(False, "class-conditional teacher")
     model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
                            "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
-    param: str = opt("eps", "diffusion: the network predicts the noise (eps) or the score", choices=("eps", "score"))
+    param: str = opt("", "diffusion: the network predicts the noise (eps), the score, or EDM's preconditioned "
+                         "denoiser (edm); default: eps for vp, edm for ve", choices=("", "eps", "score", "edm"))
     sigma: float = opt(0.5, "si, bridge: the scale of the path's noise gamma_t")
     source_noise: float = opt(0.1, "si, bridge: the noise added to the source x_T at t = 0 (the generator's z)")
     lr: float = opt(2e-4, "Adam learning rate")
@@ -412,11 +416,17 @@ class MatchingModel:
     def noise(self, x1, y=None):
         return torch.randn_like(x1)
 
-    def sample_t(self, n, device):  # the time law of training and distillation
+    def sample_t(self, n, device):  # the time law of the teacher's training
         return torch.rand(n, device=device)
+
+    def distill_t(self, n, device):  # the time law of the fake model and the generator loss
+        return self.sample_t(n, device)
 
     def weight(self, t):  # the per-sample weight of the UM loss; None: 1
         return None
+
+    def generator_weight(self, t, x_t, x_gen, f_star):  # the per-sample weight of the generator loss
+        return self.weight(t)
 
     def path(self, noise, x1, t):  # x_t
         raise NotImplementedError
@@ -432,10 +442,25 @@ class MatchingModel:
 
 
 class FlowMatching(MatchingModel):
-    """x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I); conditional target u_t(x_t | x1, x0) = x1 - x0 (eq. 2)."""
+    """x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I); conditional target u_t(x_t | x1, x0) = x1 - x0 (eq. 2).
+
+    The one-step generator is the teacher's denoiser x1_hat = x + (1 - t) f at the noise level
+    sigma = (1 - t) / t = sigma_init, G(z) = x1_hat((1 - t_g) z) at t_g = 1 / (1 + sigma_init), and distillation
+    sees only t >= t_g: SiD's choices (see Diffusion), carried over. Without sigma_init t_g = 0: the paper's
+    G(z) = z + g(0, z), with times uniform on [0, 1].
+    """
+
+    def __init__(self, sigma_init=None):
+        if sigma_init is not None and not 0 < sigma_init < math.inf:
+            raise ValueError(f"--sigma-init must be a positive noise level (got {sigma_init})")
+        self.sigma_init = sigma_init
+        self.t_g = 0.0 if sigma_init is None else 1 / (1 + sigma_init)
 
     def spec(self):
-        return dict(type="fm")
+        return dict(type="fm") | ({} if self.sigma_init is None else dict(sigma_init=self.sigma_init))
+
+    def distill_t(self, n, device):
+        return self.t_g + (1 - self.t_g) * torch.rand(n, device=device)
 
     def path(self, x0, x1, t):
         t = pad_like(t, x1)
@@ -444,12 +469,17 @@ class FlowMatching(MatchingModel):
     def target(self, x0, x1, t):
         return x1 - x0
 
+    def denoise(self, f, x, t):  # E[x1 | x_t] = x + (1 - t) f on this path
+        return x + pad_like(1 - t, x) * f
+
     def score(self, f, x, t):
         t = pad_like(t, x)  # s = -E[x0 | x_t] / (1 - t) and E[x0 | x_t] = x - t f on this path
         return (t * f - x) / (1 - t)
 
     def one_step(self, g, z, y=None):
-        return z + g(torch.zeros(z.shape[0], device=z.device, dtype=z.dtype), z, y)
+        t = torch.full((z.shape[0],), self.t_g, device=z.device, dtype=z.dtype)
+        x = (1 - self.t_g) * z
+        return self.denoise(g(t, x, y), x, t)
 
     @torch.no_grad()
     def sample(self, field, z, steps, y=None, sde=False):
@@ -464,20 +494,26 @@ class Diffusion(MatchingModel):
     """Denoising score matching (eq. 1) on x_t = a_t x1 + s_t x0, x0 ~ N(0, I), as a UM instance.
 
     vp: a_t^2 = sigmoid(lam_t), s_t^2 = sigmoid(-lam_t), the log-SNR lam_t linear from -10 (t = 0) to 10.
-    ve: a_t = 1, s_t = s_max^(1 - t) s_min^t.  Times are uniform, so the log-SNR is too.
-    eps parameterisation: target x0, weight 1. score: target -x0 / s_t (the conditional score), weight s_t^2
-    (the same loss in the network's units). The one-step generator is the teacher's denoiser at noise level
-    s/a = sigma_init (SiD's choice): G(z) = (s z - s eps(t_g, s z)) / a.
+    ve: a_t = 1, s_t = s_max^(1 - t) s_min^t.  Times are uniform, so the log-SNR is too; sigma = s / a.
+    Three parameterisations of the network f, each read as a denoiser x1_hat = denoise(f, x, t):
+    eps: f predicts x0 (target x0, weight 1). score: f predicts -x0 / s_t, the conditional score (weight s_t^2:
+    the same loss in the network's units). edm (EDM's preconditioning, sigma_data = 1 for standardised data):
+    the network sees c_in x = (x1 + sigma x0) / sqrt(sigma^2 + 1), which is this path rescaled (a_s returns the
+    rescaled a, s), and predicts F with x1_hat = c_skip x / c_in + c_out F (target (sigma x1 - x0) c_in,
+    weight 1); its training law draws log sigma ~ N(-0.5, 1.2^2) (EDM's, shifted for sigma_data = 1).
+
+    Distillation (SiD's choices): the one-step generator is the teacher's denoiser at the noise level
+    sigma_init, G(z) = x1_hat(s z) at t_g; the fake model and the generator loss see only the lower noise levels
+    (t >= t_g); the generator loss is read in the denoiser's units and divided per sample by the teacher's
+    mean absolute denoising error of that sample (SiD's normalisation).
     """
+    P_MEAN, P_STD = -0.5, 1.2
 
     def __init__(self, type="vp", param="eps", sigma_init=2.5, lam=(-10.0, 10.0), sigma=(80.0, 0.002)):
-        if type not in ("vp", "ve") or param not in ("eps", "score"):
+        if type not in ("vp", "ve") or param not in ("eps", "score", "edm"):
             raise ValueError(f"unknown diffusion {type!r} / parameterisation {param!r}")
         self.type, self.param, self.sigma_init, self.lam, self.sigma = type, param, sigma_init, lam, sigma
-        if type == "vp":  # the time where s/a = sigma_init, i.e. lam = -2 log sigma_init
-            self.t_g = (-2 * math.log(sigma_init) - lam[0]) / (lam[1] - lam[0])
-        else:
-            self.t_g = math.log(sigma[0] / sigma_init) / math.log(sigma[0] / sigma[1])
+        self.t_g = self.t_of_sigma(sigma_init)
         if not 0 <= self.t_g < 1:
             raise ValueError(f"--sigma-init {sigma_init} lies outside this diffusion's noise levels")
 
@@ -485,14 +521,39 @@ class Diffusion(MatchingModel):
         return dict(type=self.type, param=self.param, sigma_init=self.sigma_init, lam=list(self.lam),
                     sigma=list(self.sigma))
 
-    def a_s(self, t):
-        """(a_t, s_t, k_t) with k_t = s (a' s / a - s'), the reverse SDE's g^2 / 2 (see sample)."""
+    def t_of_sigma(self, sigma):
+        """The time at which s / a = sigma (a float or a tensor)."""
+        log = torch.log if torch.is_tensor(sigma) else math.log
+        if self.type == "vp":  # lam = -2 log sigma
+            return (-2 * log(sigma) - self.lam[0]) / (self.lam[1] - self.lam[0])
+        return log(self.sigma[0] / sigma) / math.log(self.sigma[0] / self.sigma[1])
+
+    def base(self, t):
+        """(a_t, s_t, k_t) of the path itself, with k_t = s (a' s / a - s'), the reverse SDE's g^2 / 2."""
         if self.type == "vp":
             rate = self.lam[1] - self.lam[0]
             lam = self.lam[0] + rate * t
             return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt(), torch.sigmoid(-lam) * rate / 2
         s = self.sigma[0] ** (1 - t) * self.sigma[1] ** t
         return torch.ones_like(t), s, s ** 2 * math.log(self.sigma[0] / self.sigma[1])
+
+    def a_s(self, t):
+        """(a_t, s_t, k_t) in the network's coordinates: the path's, or under edm the path times c_in / a (a
+        rescaling r multiplies k by r^2)."""
+        a, s, k = self.base(t)
+        if self.param != "edm":
+            return a, s, k
+        r = 1 / (a * ((s / a) ** 2 + 1).sqrt())
+        return a * r, s * r, k * r ** 2
+
+    def sample_t(self, n, device):
+        if self.param != "edm":
+            return torch.rand(n, device=device)
+        sigma = (self.P_MEAN + self.P_STD * torch.randn(n, device=device)).exp()
+        return self.t_of_sigma(sigma).clamp(0, 1)
+
+    def distill_t(self, n, device):  # SiD: noise levels below the generator's own, s / a <= sigma_init
+        return self.t_g + (1 - self.t_g) * torch.rand(n, device=device)
 
     def weight(self, t):
         return self.a_s(t)[1] ** 2 if self.param == "score" else None
@@ -502,18 +563,39 @@ class Diffusion(MatchingModel):
         return a * x1 + s * x0
 
     def target(self, x0, x1, t):
-        return x0 if self.param == "eps" else -x0 / pad_like(self.a_s(t)[1], x0)
+        if self.param == "eps":
+            return x0
+        a, s, _ = (pad_like(v, x0) for v in self.a_s(t))
+        return -x0 / s if self.param == "score" else s * x1 - a * x0  # edm: (sigma x1 - x0) c_in
 
-    def eps(self, f, t):
-        return f if self.param == "eps" else -pad_like(self.a_s(t)[1], f) * f
+    def denoise(self, f, x, t):
+        """x1_hat = E[x1 | x_t = x] read off the field f."""
+        a, s, _ = (pad_like(v, x) for v in self.a_s(t))
+        if self.param == "eps":
+            return (x - s * f) / a
+        if self.param == "score":
+            return (x + s ** 2 * f) / a
+        # edm: here a = c_in and s = sigma c_in, so c_skip = a^2 and c_out = s
+        return a * x + s * f
+
+    def units(self, t):
+        """|d x1_hat|^2 / |d f|^2: the squared change of the denoiser per unit change of the field."""
+        a, s, _ = self.a_s(t)
+        return {"eps": (s / a) ** 2, "score": (s ** 2 / a) ** 2, "edm": s ** 2}[self.param]
+
+    def generator_weight(self, t, x_t, x_gen, f_star):
+        # SiD's normalisation: the loss in the denoiser's units, over the teacher's mean absolute error, detached
+        error = (x_gen - self.denoise(f_star, x_t, t)).abs().flatten(1).mean(1).detach()
+        return self.units(t) / (error + 1e-8)
 
     def score(self, f, x, t):
-        return -self.eps(f, t) / pad_like(self.a_s(t)[1], x)
+        a, s, _ = (pad_like(v, x) for v in self.a_s(t))
+        return (a * self.denoise(f, x, t) - x) / s ** 2
 
     def one_step(self, g, z, y=None):
         t = torch.full((z.shape[0],), self.t_g, device=z.device, dtype=z.dtype)
-        a, s, _ = (pad_like(v, z) for v in self.a_s(t))
-        return (s * z - s * self.eps(g(t, s * z, y), t)) / a
+        x = pad_like(self.a_s(t)[1], z) * z
+        return self.denoise(g(t, x, y), x, t)
 
     @torch.no_grad()
     def sample(self, field, z, steps, y=None, sde=False):
@@ -523,13 +605,15 @@ class Diffusion(MatchingModel):
         for i in range(steps):
             t, t_next = time_grid(i, steps, x), time_grid(i + 1, steps, x)
             (a, s, k), (a_next, s_next, _) = ([pad_like(v, x) for v in self.a_s(u)] for u in (t, t_next))
-            eps = self.eps(field(t, x, y), t)
-            x1 = (x - s * eps) / a
+            x1 = self.denoise(field(t, x, y), x, t)
+            eps = (x - a * x1) / s
             if not sde or i == steps - 1:
                 x = a_next * x1 + s_next * eps
             else:  # the linear drift a'/a x integrated exactly, the score term by Euler
                 dt = 1.0 / steps
                 x = a_next / a * x - 2 * k * eps / s * dt + (2 * k * dt).sqrt() * torch.randn_like(x)
+        if self.param == "edm":  # back from the network's coordinates: c_in = 1 / sqrt(sigma_min^2 + 1) at t = 1
+            x = x / self.a_s(torch.ones(1, device=z.device))[0]
         return x
 
 
@@ -599,7 +683,7 @@ def matching_model(spec=None):
     spec = dict(spec or dict(type="fm"))
     kind = spec.pop("type")
     if kind == "fm":
-        return FlowMatching()
+        return FlowMatching(**spec)
     if kind in ("vp", "ve"):
         return Diffusion(kind, **spec)
     if kind in ("si", "bridge"):
@@ -757,9 +841,10 @@ def clip_and_step(i, optimiser, params, loss, grad_clip, update):
     return grad_norm
 
 
-def noise_and_time(m, x1, y=None, draw=draw_all):
-    """The path's noise and the times t of a batch of data x1."""
-    return draw(m.noise, x1, y), draw(lambda x: m.sample_t(x.shape[0], x.device), x1)
+def noise_and_time(m, x1, y=None, draw=draw_all, distill=False):
+    """The path's noise and the times t of a batch of data x1, by the law of training or of distillation."""
+    law = m.distill_t if distill else m.sample_t
+    return draw(m.noise, x1, y), draw(lambda x: law(x.shape[0], x.device), x1)
 
 
 class RealUID:
@@ -794,9 +879,8 @@ class RealUID:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             return fn(*args).float()
 
-    def _mean(self, loss, t):
-        """The batch mean of per-sample losses, weighted as the matching model asks (Def. 1)."""
-        w = self.matching.weight(t)
+    def _mean(self, loss, w):
+        """The batch mean of per-sample losses, weighted as the matching model asks (w: None or per sample)."""
         return (loss if w is None else w * loss).mean()
 
     def _gan_logits(self, x0, x1, y):
@@ -818,7 +902,7 @@ class RealUID:
         cfg, m = self.cfg, self.matching
         with torch.no_grad():
             x_gen = self._run(self.generator, self.draw(torch.randn_like, x_real), y)
-        x0, t = noise_and_time(m, x_real, y, self.draw)  # the same x0 and t for both halves, as the official code
+        x0, t = noise_and_time(m, x_real, y, self.draw, distill=True)  # the same for both halves, as the official code
         u_gen, u_real = m.target(x0, x_gen, t), m.target(x0, x_real, t)
         real = cfg.alpha < 1 or cfg.gamma is not None or cfg.normalized
         if real:  # one forward pass over generated and real x_t (GroupNorm is per sample)
@@ -829,16 +913,16 @@ class RealUID:
         f = self._run(self.fake, tt, xt, yy)
         f_gen, f_real = f.chunk(2) if real else (f, None)
         if cfg.gamma is None and not cfg.normalized:
-            loss = self._mean(realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta), t)
+            loss = self._mean(realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta), m.weight(t))
         else:  # General and Normalized RealUID have no RealUM form: maximise them, with u* on both halves
             with torch.no_grad():
                 fs_gen, fs_real = self._run(self.teacher, tt, xt, yy).chunk(2)
             if cfg.normalized:
                 loss = -self._mean(normalized_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real,
-                                                           cfg.alpha, cfg.beta), t)
+                                                           cfg.alpha, cfg.beta), m.weight(t))
             else:
                 loss = -self._mean(general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha,
-                                                        cfg.beta, cfg.gamma, cfg.parameterization), t)
+                                                        cfg.beta, cfg.gamma, cfg.parameterization), m.weight(t))
         if cfg.gan:  # the discriminator: generated against real x_t, in one pass
             logits_gen, logits_real = self._gan_logits(torch.cat([x0, x0]), torch.cat([x_gen, x_real]),
                                                        None if y is None else torch.cat([y, y])).chunk(2)
@@ -852,7 +936,7 @@ class RealUID:
         cfg, m = self.cfg, self.matching
         like = torch.empty((), device=device).expand(shape)  # the batch's shape, without its memory
         x_gen = self._run(self.generator, self.draw(torch.randn_like, like), y)
-        x0, t = noise_and_time(m, x_gen, y, self.draw)
+        x0, t = noise_and_time(m, x_gen, y, self.draw, distill=True)
         if cfg.dmd:
             t = t * cfg.dmd_t_max
         x_t, u_gen = m.path(x0, x_gen, t), m.target(x0, x_gen, t)
@@ -873,7 +957,7 @@ class RealUID:
                 loss = realsid_generator_loss(f_star, f, u_gen, cfg.alpha_sid, cfg.alpha, cfg.beta)
             else:
                 loss = realuid_generator_loss(f_star, f, u_gen, cfg.alpha, cfg.beta)
-            loss = self._mean(loss, t)
+            loss = self._mean(loss, m.generator_weight(t, x_t, x_gen, f_star))
             if cfg.gan:
                 loss = loss + cfg.lambda_gen * gan_generator_loss(self._gan_logits(x0, x_gen, y)).mean()
             grad_norm = self._descend(1, self.opt_gen, self.sched_gen, list(self.generator.parameters()), loss)
@@ -956,7 +1040,7 @@ def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, ba
 
 def matching_spec(cfg):
     if cfg.model in ("vp", "ve"):
-        return dict(type=cfg.model, param=cfg.param)
+        return dict(type=cfg.model, param=cfg.param or ("edm" if cfg.model == "ve" else "eps"))
     if cfg.model in ("si", "bridge"):
         return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise)
     return dict(type="fm")
@@ -1144,8 +1228,9 @@ def teacher_matching(cfg, ckpt, data, path):
     spec = dict(ckpt.get("matching") or dict(type="fm"))
     if cfg.model and cfg.model != spec["type"]:
         raise UsageError(f"teacher {path} is a {spec['type']} model, not --model {cfg.model}")
-    if spec["type"] in ("vp", "ve"):
-        spec["sigma_init"] = cfg.sigma_init
+    given = cfg.sigma_init is not None
+    if spec["type"] in ("vp", "ve") or (spec["type"] == "fm" and (given or data.kind == "lowdim")):
+        spec["sigma_init"] = cfg.sigma_init if given else SIGMA_INIT
     with refusing():
         matching = matching_model(spec)
     if matching.coupled != data.coupled:

@@ -858,7 +858,7 @@ class Data:
     flip: bool = False  # random horizontal flips (images)
     files: list = None  # an image folder, read by a DataLoader
     resolution: int = None
-    modes: tuple = None  # (centres, std) of a known Gaussian mixture, in data units (mode coverage)
+    modes: "Mixture" = None  # the built-in sets' known law, in data units (mode coverage)
     coupled: bool = False  # data-to-data: y holds each point's source x_T, in network coordinates
     src_test: torch.Tensor = None  # the held-out points' sources (coupled data), in network coordinates
 
@@ -876,28 +876,81 @@ class Data:
                     std=None if self.std is None else self.std.tolist())
 
 
-EIGHT_GAUSSIANS = dict(radius=4.0, std=0.4)
+class Mixture:
+    """A built-in 2D law whose parts are known: Gaussian modes (centres, one std, weights) and optionally a thin
+    arc (radius, angles from-to in radians, width, weight). Mode coverage is scored against the parts."""
+
+    def __init__(self, centres, std, weights, arc=None):
+        self.centres, self.std, self.arc = np.asarray(centres, dtype=np.float64), float(std), arc
+        self.weights = np.asarray(list(weights) + ([arc[-1]] if arc else []), dtype=np.float64)
+        if abs(self.weights.sum() - 1) > 1e-9:
+            raise ValueError(f"the parts' weights sum to {self.weights.sum()}, not 1")
+
+    def __len__(self):
+        return len(self.weights)
+
+    def sample(self, n, seed):
+        """n points and the index of the part each came from."""
+        g = torch.Generator().manual_seed(seed)
+        y = torch.multinomial(torch.tensor(self.weights), n, replacement=True, generator=g)
+        x = torch.tensor(self.centres[np.minimum(y.numpy(), len(self.centres) - 1)], dtype=torch.float32)
+        x = x + self.std * torch.randn(n, 2, generator=g)
+        if self.arc:
+            radius, lo, hi, width, _ = self.arc
+            on_arc = y == len(self.centres)
+            angle = lo + (hi - lo) * torch.rand(n, generator=g)
+            arc = radius * torch.stack([angle.cos(), angle.sin()], 1) + width * torch.randn(n, 2, generator=g)
+            x = torch.where(on_arc[:, None], arc, x)
+        return x, y
+
+    def distances(self, x):
+        """(n, parts) distances of the points x to each part, in units of that part's std (or width)."""
+        from scipy.spatial.distance import cdist
+        x = np.asarray(x, dtype=np.float64)
+        d = cdist(x, self.centres) / self.std
+        if self.arc:
+            radius, lo, hi, width, _ = self.arc
+            angle = np.arctan2(x[:, 1], x[:, 0])
+            angle = lo + np.mod(angle - lo, 2 * np.pi)  # in [lo, lo + 2 pi)
+            ends = radius * np.array([[np.cos(lo), np.sin(lo)], [np.cos(hi), np.sin(hi)]])
+            to_arc = np.where(angle <= hi, np.abs(np.linalg.norm(x, axis=1) - radius), cdist(x, ends).min(1))
+            d = np.concatenate([d, to_arc[:, None] / width], 1)
+        return d
+
+    def coverage(self, x, radius=3.0):
+        """(modes held, in-part fraction, smallest mode share, the arc's share or None). A point is in a part
+        within radius std of it (an exact sample of a 2D Gaussian is, with probability 1 - exp(-radius^2 / 2) =
+        0.989 at radius 3); a part's share is its in-part points over weight * n, and a mode is held when its
+        share is at least one half. The arc is a thin structure, not a mode: its share is reported apart."""
+        d = self.distances(x)
+        inside = d.min(1) < radius
+        share = np.bincount(d.argmin(1)[inside], minlength=len(self)) / (self.weights * len(d))
+        modes = share[:len(self.centres)]
+        return (int((modes >= 0.5).sum()), float(inside.mean()), float(modes.min()),
+                float(share[-1]) if self.arc else None)
 
 
-def eight_gaussians_centres(radius=EIGHT_GAUSSIANS["radius"]):
-    angle = torch.arange(8) * (2 * math.pi / 8)
+def ring(k, radius):
+    angle = torch.arange(k) * (2 * math.pi / k)
     return radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
 
 
-def eight_gaussians(n, seed):
-    """The built-in 2D data: 8 Gaussians on a circle, labels = mode index."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(8, (n,), generator=g)
-    return eight_gaussians_centres()[y] + EIGHT_GAUSSIANS["std"] * torch.randn(n, 2, generator=g), y
+# The default: 8 equal modes on a circle. modes-arc: 6 tight modes of weights 30% down to 5% and a thin arc
+# (13%) inside them, so that nothing is tuned to one picture.
+EIGHT_GAUSSIANS = Mixture(ring(8, 4.0), 0.4, [1 / 8] * 8)
+MODES_ARC = Mixture(ring(6, 4.0), 0.15, [0.30, 0.20, 0.15, 0.10, 0.07, 0.05],
+                    arc=(2.0, 1.1 * math.pi, 1.9 * math.pi, 0.05, 0.13))
+MIXTURES = {"8gaussians": EIGHT_GAUSSIANS, "modes-arc": MODES_ARC}
 
 
 def gaussian_pairs(n, seed):
     """The built-in data-to-data task: (x_T, x1) with x_T from mode k of the 8 Gaussians and x1 from mode
     k - 1 or k + 1, each with probability 1/2: a coupling whose conditional law is bimodal."""
-    x_src, k = eight_gaussians(n, seed)
+    x_src, k = EIGHT_GAUSSIANS.sample(n, seed)
     g = torch.Generator().manual_seed(seed + 1)
     k1 = (k + 2 * torch.randint(2, (n,), generator=g) - 1) % 8
-    return x_src, eight_gaussians_centres()[k1] + EIGHT_GAUSSIANS["std"] * torch.randn(n, 2, generator=g)
+    centres = torch.tensor(EIGHT_GAUSSIANS.centres, dtype=torch.float32)
+    return x_src, centres[k1] + EIGHT_GAUSSIANS.std * torch.randn(n, 2, generator=g)
 
 
 def load_npy(path):
@@ -1005,16 +1058,17 @@ def list_images(folder):
 def load_data(cfg):
     """The data set named by cfg.dataset, with cfg.cond deciding whether labels are kept."""
     name, res = cfg.dataset, cfg.resolution
-    if name == "8gaussians":
-        x, y = eight_gaussians(20_000, seed=1234)
-        data = standardise(x, y, 8, eight_gaussians(cfg.eval_samples, seed=4321)[0])
-        data.modes = (eight_gaussians_centres().numpy(), EIGHT_GAUSSIANS["std"])
+    if name in MIXTURES:
+        law = MIXTURES[name]
+        x, y = law.sample(20_000, seed=1234)
+        data = standardise(x, y, len(law), law.sample(cfg.eval_samples, seed=4321)[0])
+        data.modes = law
     elif name == "pairs":
         x_src, x = gaussian_pairs(20_000, seed=1234)
         src_test, data_test = gaussian_pairs(cfg.eval_samples, seed=4321)
         data = standardise(x, None, None, data_test)  # sources and data share one coordinate system
         data.y, data.src_test, data.coupled = (x_src - data.mean) / data.std, (src_test - data.mean) / data.std, True
-        data.modes = (eight_gaussians_centres().numpy(), EIGHT_GAUSSIANS["std"])
+        data.modes = EIGHT_GAUSSIANS
     elif name == "cifar10":
         x, y = load_cifar10(cfg.data_root)
         data = Data(x=x, y=y, num_classes=10, kind="image", recipe="image", flip=True)
@@ -1032,7 +1086,7 @@ def load_data(cfg):
     elif os.path.isdir(name):
         data = Data(files=list_images(name), resolution=res or 64, kind="image", recipe="image", flip=True)
     else:
-        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, pairs, digits, cifar10, a folder of images, "
+        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, modes-arc, pairs, digits, cifar10, a folder of images, "
                          f"or a .npy file (N x D floats or N x H x W x C uint8)")
     if data.kind == "image" and min(data.shape()[1:]) % 8:
         raise UsageError(f"{name} holds images of side {data.shape()[1:]}; the UNet needs a multiple of 8"
@@ -1161,20 +1215,6 @@ def energy_distance(x, y):
     return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
 
 
-def mode_coverage(x, centres, std, radius=3.0):
-    """(modes covered, in-mode fraction) of samples x against a Gaussian mixture with isotropic std.
-
-    A sample is in-mode within radius * std of its nearest centre (in 2D an exact sample is, with
-    probability 1 - exp(-radius^2 / 2) = 0.989 at radius 3); a mode is covered when it holds at least a
-    quarter of its fair share n / K of in-mode samples.
-    """
-    from scipy.spatial.distance import cdist
-    d = cdist(np.asarray(x, dtype=np.float64), np.asarray(centres, dtype=np.float64))
-    in_mode = d.min(1) < radius * std
-    counts = np.bincount(d.argmin(1)[in_mode], minlength=len(centres))
-    return int((counts >= 0.25 * len(x) / len(centres)).sum()), float(in_mode.mean())
-
-
 def to_data_units(x, data_info):
     """Undo the standardisation of low-dimensional data."""
     if data_info.get("mean") is not None:
@@ -1184,11 +1224,15 @@ def to_data_units(x, data_info):
 
 class HeldOut:
     """Low-dim evaluation: samples in data units beside the held-out real points. Coupled data (pairs) are
-    compared as joint points (x_T, x1), each net fed the held-out sources x_T. generate: realuid.generate."""
+    compared as joint points (x_T, x1), each net fed the held-out sources x_T. generate: realuid.generate.
 
-    def __init__(self, data, generate, matching, device, seed=0):
+    A score is taken over `draws` independent draws of n points (seeds seed, seed + 1, ...): W2 between two
+    2000-point samples of the 8 Gaussians varies by about 0.08 from draw to draw, mostly with how many points
+    each mode happens to get, which is as large as the differences that model selection has to see."""
+
+    def __init__(self, data, generate, matching, device, seed=0, draws=4):
         self.data, self.generate, self.matching, self.device, self.seed = data, generate, matching, device, seed
-        self.info, self.n, self.dim = data.info(""), len(data.x_test), data.shape()[0]
+        self.info, self.n, self.dim, self.draws = data.info(""), len(data.x_test), data.shape()[0], draws
         self.real = self.points(data.x_test, data.src_test, data_units=True)
 
     def points(self, x, src=None, data_units=False):
@@ -1196,24 +1240,32 @@ class HeldOut:
         return x if src is None else np.concatenate([to_data_units(src, self.info), x], 1)
 
     def sample(self, net, steps=None):
+        """`draws` point sets of the net (steps: its matching model's sampler, None: one step)."""
         d = self.data
-        x = torch.cat([x.cpu() for x in self.generate(net, self.n, (self.dim,), self.device, steps, d.num_classes,
-                                                      self.seed, matching=self.matching, sources=d.src_test)])
-        return self.points(x, d.src_test)
+        return [self.points(torch.cat([x.cpu() for x in self.generate(
+            net, self.n, (self.dim,), self.device, steps, d.num_classes, self.seed + k, matching=self.matching,
+            sources=d.src_test)]), d.src_test) for k in range(self.draws)]
 
     def floor(self):
-        """As many training points as held-out ones: the metric's finite-sample floor."""
-        d = self.data
-        idx = torch.randperm(len(d.x), generator=torch.Generator().manual_seed(self.seed))[:self.n]
-        return self.points(d.x[idx], d.y[idx] if d.coupled else None)
+        """As many training points as held-out ones, `draws` times: the metric's finite-sample floor."""
+        d, sets = self.data, []
+        for k in range(self.draws):
+            idx = torch.randperm(len(d.x), generator=torch.Generator().manual_seed(self.seed + k))[:self.n]
+            sets.append(self.points(d.x[idx], d.y[idx] if d.coupled else None))
+        return sets
 
-    def metrics(self, pts):
-        out = dict(w2=w2_distance(pts, self.real), energy=energy_distance(pts, self.real))
+    def metrics(self, sets):
+        """W2 and energy distance, each the mean over the point sets; mode coverage of their union."""
+        out = {k: float(np.mean([f(pts, self.real) for pts in sets]))
+               for k, f in (("w2", w2_distance), ("energy", energy_distance))}
         if self.data.modes is not None:
+            pts = np.concatenate(sets)
             x = pts[:, -self.dim:]
-            out["modes"], out["in_mode"] = mode_coverage(x, *self.data.modes)
+            out["modes"], out["in_mode"], out["min_share"], arc = self.data.modes.coverage(x)
+            if arc is not None:
+                out["arc_share"] = arc
             if self.data.coupled:
-                out["paired"] = paired_fraction(pts[:, :self.dim], x, self.data.modes[0])
+                out["paired"] = paired_fraction(pts[:, :self.dim], x, self.data.modes.centres)
         return out
 
 
@@ -1231,19 +1283,20 @@ def report_lowdim(state, data, out, device, generate, seed=0):
     rows = {"real training points": held.floor(),
             "teacher, 1 step": held.sample(state.teacher, 1),
             "teacher, 100 steps": held.sample(state.teacher, 100),
+            "generator's start, 1 step": held.sample(state.teacher),  # G begins as the teacher's one-step form
             "RealUID generator, 1 step": held.sample(state.generator.g)}
     for decay, net in state.ema.items():
         rows[f"RealUID EMA {decay}, 1 step"] = held.sample(net)
-    results = {name: held.metrics(pts) for name, pts in rows.items()}
-    columns = [c for c in ("modes", "in_mode", "paired") if c in results["teacher, 1 step"]]
+    results = {name: held.metrics(sets) for name, sets in rows.items()}
+    columns = [c for c in ("modes", "min_share", "arc_share", "in_mode", "paired") if c in results["teacher, 1 step"]]
     print(f"\n{'model':<30} {'W2':>8} {'energy':>8}" + "".join(f" {c.replace('_', '-'):>8}" for c in columns)
-          + f"   (to {held.n} held-out real {'pairs' if data.coupled else 'points'})")
+          + f"   (to {held.n} held-out real {'pairs' if data.coupled else 'points'}; mean of {held.draws} draws)")
     for name, r in results.items():
         print(f"{name:<30} {r['w2']:8.4f} {r['energy']:8.4f}" + "".join(
-            f" {r[c]:>6}/{len(data.modes[0])}" if c == "modes" else f" {r[c]:8.3f}" for c in columns))
+            f" {r[c]:>6}/{len(data.modes.centres)}" if c == "modes" else f" {r[c]:8.3f}" for c in columns))
     save_json(results, os.path.join(out, "results.json"))
     if held.dim >= 2:
-        plot_points(held.real[:, -held.dim:], {k: v[:, -held.dim:] for k, v in rows.items()}, results,
+        plot_points(held.real[:, -held.dim:], {k: v[0][:, -held.dim:] for k, v in rows.items()}, results,
                     os.path.join(out, "samples.png"))
         print(f"\nscatter plot of real and generated points: {os.path.join(out, 'samples.png')}")
     return results
@@ -1479,7 +1532,7 @@ class ModelSelection:
         self.shape, self.num_classes = tuple(data.shape()), data.num_classes
         if data.kind == "lowdim":
             self.metric, held = "w2", HeldOut(data, generate, matching, device, cfg.seed)
-            self.score = lambda net: w2_distance(held.sample(net), held.real)
+            self.score = lambda net: held.metrics(held.sample(net))["w2"]
         else:
             self.metric = "fid"
             ref = cfg.fid_ref or ("cifar10" if cfg.dataset == "cifar10" else cfg.dataset)
