@@ -605,27 +605,33 @@ def cmd_reproduce(args):
                   (k, "{:.3f} +- {:.3f}".format(*mean_spread([m for m, _ in v])),
                    "{:.4f} +- {:.4f}".format(*mean_spread([w for _, w in v]))) for k, v in corr.items()]))
     tick("teacher correction")
+    write_report(out, report, md, "plots, tables and every run", start)
+    return report
+
+
+def write_report(out, report, md, what, start):
+    """report.json and summary.md (the markdown tables md) into out; the tables printed."""
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n\n".join(md) + "\n")
     print("\n" + "\n\n".join(md))
-    print(f"\nplots, tables and every run in {out} (summary.md, report.json); {time.time() - start:.0f} s in all")
-    return report
+    print(f"\n{what} in {out} (summary.md, report.json); {time.time() - start:.0f} s in all")
 
 
 # The families of matching models on 2D data: (model, diffusion parameterisation)
 FAMILIES = {"fm": ("fm", ""), "vp": ("vp", "eps"), "vp-score": ("vp", "score"), "ve": ("ve", "edm")}
 
 
-def best_one_step(folder, data, matching, seed):
+def best_one_step(folder):
     """The run's best one-step net by model selection (the lowest of its best-<net>.pt scores): (name, step,
-    metrics, point sets), scored as the selection scored it."""
+    metrics, point sets), scored as the selection scored it: on the run's own held-out points and seed."""
     best = min((load_checkpoint(os.path.join(folder, f)) | dict(name=f[5:-3]) for f in os.listdir(folder)
                 if f.startswith("best-") and f.endswith(".pt")), key=lambda c: c["score"])
     net = build_field(best["field"])
     net.load_state_dict(best["generator"])
-    held = HeldOut(data, generate, matching, torch.device("cpu"), seed)
+    cfg = make_config(Config, {k: best["config"][k] for k in DATA_FIELDS})
+    held = HeldOut(load_data(cfg), generate, matching_model(best["matching"]), torch.device("cpu"), cfg.seed)
     sets = held.sample(net)
     return best["name"], best["step"], held.metrics(sets), sets
 
@@ -653,35 +659,30 @@ def cmd_families(args):
                     folder = os.path.join(out, dataset, family, method, f"seed{seed}")
                     _, results = distill_run(["--dataset", dataset, "--teacher", teacher, "--seed", str(seed),
                                               *flags, *shlex.split(args.flags)], folder)
-                    ckpt = load_checkpoint(latest_checkpoint(folder))
-                    name, step, best, sets = best_one_step(folder, data, matching_model(ckpt["matching"]), seed)
+                    name, step, best, sets = best_one_step(folder)
                     ref = results["teacher, 100 steps"]
                     rows.append(dict(data=dataset, family=family, method=method, seed=seed, teacher=ref,
                                      best=best, net=name, step=step))
                     print(f"{dataset} {family} {method} seed {seed}: teacher (100 steps) W2 {ref['w2']:.3f}, "
-                          f"one step {best['w2']:.3f} ({name} at {step}), {best['modes']}/{len(data.modes)} "
-                          f"parts held; {time.time() - start:.0f} s so far", flush=True)
+                          f"one step {best['w2']:.3f} ({name} at {step}), {best['modes']}/{len(data.modes.centres)} "
+                          f"modes held; {time.time() - start:.0f} s so far", flush=True)
                     if seed == 0 and method == "RealUID":
-                        teacher_net, _ = load_field(teacher, "teacher")
-                        held = HeldOut(data, generate, matching_model(ckpt["matching"]), torch.device("cpu"), 0)
+                        teacher_net, tckpt = load_field(teacher, "teacher")
+                        held = HeldOut(data, generate, matching_model(tckpt["matching"]), torch.device("cpu"), 0)
                         pictures[family] = held.sample(teacher_net, 100)[0], sets[0], held.real
         plot_families(pictures, os.path.join(out, f"families-{dataset}.png"), dataset)
     md.append(markdown_table(
         ["data", "family", "method", "seeds", "teacher, 100 steps: W2", "one step (best): W2", "ratio",
-         "parts held", "smallest share", "in parts"],
+         "modes held", "smallest mode share", "arc share", "in parts"],
         [(d, f, m, len(sel), *("{:.3f} +- {:.3f}".format(*mean_spread(v)) for v in (
             [r["teacher"]["w2"] for r in sel], [r["best"]["w2"] for r in sel],
             [r["best"]["w2"] / r["teacher"]["w2"] for r in sel])),
           "/".join(str(r["best"]["modes"]) for r in sel), "{:.2f}".format(min(r["best"]["min_share"] for r in sel)),
+          "{:.2f}".format(np.mean([r["best"]["arc_share"] for r in sel])) if "arc_share" in sel[0]["best"] else "-",
           "{:.3f}".format(np.mean([r["best"]["in_mode"] for r in sel])))
          for d, f, m in dict.fromkeys((r["data"], r["family"], r["method"]) for r in rows)
          for sel in [[r for r in rows if (r["data"], r["family"], r["method"]) == (d, f, m)]]]))
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write("\n\n".join(md) + "\n")
-    print("\n" + "\n\n".join(md))
-    print(f"\nevery run, the pictures and the table in {out}; {time.time() - start:.0f} s in all")
+    write_report(out, rows, md, "every run, the pictures and the tables", start)
     return rows
 
 
