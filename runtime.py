@@ -619,6 +619,58 @@ def set_rng_state(rng, device):
         torch.cuda.set_rng_state(cuda, device)
 
 
+def infer_unet_spec(sd, image_size, num_heads=4, num_head_channels=64):
+    """The UNet configuration of a torchcfm-style state dict (heads cannot be read off the weights)."""
+    channels = sd["time_embed.0.weight"].shape[1]
+    mult, blocks_per_level, attention_ds, ds, i = [], [0], set(), 1, 1
+    while f"input_blocks.{i}.0.op.weight" in sd or f"input_blocks.{i}.0.in_layers.2.weight" in sd:
+        if f"input_blocks.{i}.0.op.weight" in sd:
+            ds, blocks_per_level = ds * 2, blocks_per_level + [0]
+        else:
+            out = sd[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0]
+            if blocks_per_level[-1] == 0:
+                mult.append(out // channels)
+            blocks_per_level[-1] += 1
+            if f"input_blocks.{i}.1.qkv.weight" in sd:
+                attention_ds.add(ds)
+        i += 1
+    return dict(type="unet", in_channels=sd["input_blocks.0.0.weight"].shape[1], image_size=image_size,
+                channels=channels, channel_mult=mult, num_res_blocks=blocks_per_level[0],
+                attention_resolutions=sorted(image_size // d for d in attention_ds), num_heads=num_heads,
+                num_head_channels=num_head_channels, dropout=0.0,
+                num_classes=sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None)
+
+
+def read_field_checkpoint(path, what="teacher", ema=None, image_size=None, num_heads=4, num_head_channels=64):
+    """(network spec, weights, checkpoint) from this project's files, torchcfm's or the official RealUID's.
+
+    Ours: 'field' (spec) with 'net' / 'generator' and 'ema'. torchcfm: 'net_model' and 'ema_model'.
+    Official RealUID: 'net_model' and 'ema_models' keyed by the decay as a string. eval.py export's
+    .safetensors: one network, read as ours.
+    """
+    ckpt = read_safetensors(path, what, ema) if is_safetensors(path) else load_checkpoint(path, what)
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{what} {path} is not a checkpoint dictionary")
+    if "field" in ckpt:
+        if ckpt.get("ema") and (ema is not None or "net" in ckpt):
+            return ckpt["field"], pick_ema(ckpt["ema"], ema, f"{what} {path}"), ckpt
+        return ckpt["field"], ckpt["net"] if "net" in ckpt else ckpt["generator"], ckpt
+    if "net_model" in ckpt:
+        if "ema_models" in ckpt:
+            sd = pick_ema(ckpt["ema_models"], ema, f"{what} {path}")
+        elif ema is not None:
+            raise UsageError(f"{what} {path} is a torchcfm checkpoint with one EMA; drop --teacher-ema")
+        else:
+            sd = ckpt.get("ema_model", ckpt["net_model"])
+        sd = strip_prefixes(sd)
+        if image_size is None:
+            raise UsageError(f"{what} {path} does not record its image size (eval.py: pass --resolution)")
+        spec = infer_unet_spec(sd, image_size, num_heads, num_head_channels)
+        return spec, sd, dict(field=spec, data=dict(kind="image", num_classes=spec["num_classes"],
+                                                     shape=[spec["in_channels"], image_size, image_size]))
+    raise UsageError(f"{what} {path} is neither a realuid, a torchcfm nor an official RealUID checkpoint")
+
+
 def state_of(device, step, **parts):
     """A training state as plain tensors and numbers (loads with weights_only=True): every part's state_dict (a
     dict of networks keyed by EMA decay: each one's), the update count and the random state."""

@@ -1052,7 +1052,7 @@ def test_torchcfm_and_official_teacher_files_load_and_agree(tmp_path, capsys):
             net, ckpt = R.load_field(str(tmp_path / path), "teacher", ema, image_size=16, num_head_channels=16)
             torch.testing.assert_close(net.eval()(t, x, y), want, rtol=1e-4, atol=1e-4)
     assert ckpt["field"]["channel_mult"] == [1, 2] and ckpt["field"]["attention_resolutions"] == [8]
-    spec = R.infer_unet_spec(torchcfm_unet(32, 128, (1, 2, 2, 2), 2, (16,), 4, 64, None).state_dict(), 32)
+    spec = RT.infer_unet_spec(torchcfm_unet(32, 128, (1, 2, 2, 2), 2, (16,), 4, 64, None).state_dict(), 32)
     assert spec == dict(type="unet", in_channels=3, image_size=32, channels=128, channel_mult=[1, 2, 2, 2],
                         num_res_blocks=2, attention_resolutions=[16], num_heads=4, num_head_channels=64,
                         dropout=0.0, num_classes=None)
