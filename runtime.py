@@ -79,7 +79,7 @@ def parser_from_dataclass(cls, description, prog):
 class RunFlags:
     """The flags of a training run that are not the method's: the data's place, the output, the device, the seed,
     logging, saving and resuming. realuid.Config and realuid.TeacherConfig extend it."""
-    resolution: int = opt(0, "image side: image folders (default 64) and digits (16 or 32, default 16)")
+    resolution: int = opt(0, "image side: image folders (default: their images' own size) and digits (16 or 32, default 16)")
     data_root: str = opt("data", "where cifar10 is found or downloaded")
     eval_samples: int = opt(2000, "held-out points, never trained on, for the final metrics (low-dim data)")
     out: str = opt("", "output folder (default runs/<dataset>)")
@@ -1107,6 +1107,25 @@ def list_images(folder):
     return files
 
 
+def own_size(files, folder):
+    """An image folder's side when its images are square and share one size (header reads, no decoding)."""
+    from PIL import Image
+    from tqdm import tqdm
+    sizes = {}
+    for f in tqdm(files, desc=f"image sizes in {folder}", disable=len(files) < 5000, leave=False):
+        try:
+            with Image.open(f) as im:
+                sizes.setdefault(im.size, f)
+        except (OSError, ValueError, SyntaxError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"the image {f} cannot be read ({why}); replace or remove it") from None
+        if len(sizes) > 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+            found = ", ".join(f"{w}x{h} ({os.path.basename(g)})" for (w, h), g in sizes.items())
+            raise UsageError(f"the images in {folder} are not all one square size (found {found}); "
+                             f"pass --resolution N to resize and centre-crop them to N x N")
+    return next(iter(sizes))[0]
+
+
 def load_data(cfg):
     """The data set named by cfg.dataset, with cfg.cond deciding whether labels are kept."""
     name, res = cfg.dataset, cfg.resolution
@@ -1136,7 +1155,8 @@ def load_data(cfg):
             n_test = min(cfg.eval_samples, len(x) // 5) if len(x) >= 10 else 0
             data = standardise(x[perm[n_test:]], None, None, x[perm[:n_test]] if n_test else x)
     elif os.path.isdir(name):
-        data = Data(files=list_images(name), resolution=res or 64, kind="image", recipe="image", flip=True)
+        files = list_images(name)
+        data = Data(files=files, resolution=res or own_size(files, name), kind="image", recipe="image", flip=True)
     else:
         raise UsageError(f"unknown dataset {name!r}: use 8gaussians, modes-arc, pairs, digits, cifar10, a folder of images, "
                          f"or a .npy file (N x D floats or N x H x W x C uint8)")

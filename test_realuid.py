@@ -2439,6 +2439,35 @@ def test_an_unreadable_image_hours_in_is_named_and_the_updates_so_far_are_kept(i
         assert RT.load_checkpoint(saved[-1])["step"] == max(metric_steps(out))
 
 
+def png_folder(root, sizes):
+    from PIL import Image
+    root.mkdir(parents=True)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(np.full((h, w, 3), 40 * i, dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_an_image_folder_trains_at_its_images_own_size(tmp_path, capsys):
+    # 32 x 32 images, no --resolution: the teacher trains at 32, not at an image folder's old default of 64
+    folder = png_folder(tmp_path / "images", [(32, 32)] * 4)
+    assert teacher_py.main(["--dataset", str(folder), "--steps", "1", "--batch-size", "2", "--workers", "0",
+                            "--out", str(tmp_path / "t")] + TINY_UNET) == 0
+    teacher = torch.load(tmp_path / "t" / "teacher.pt", weights_only=True)
+    assert teacher["data"]["shape"] == [3, 32, 32] and teacher["field"]["image_size"] == 32
+    # a teacher that records its size refuses a folder of another
+    rc, err = cli(R.main, ["--dataset", str(png_folder(tmp_path / "big", [(64, 64)] * 4)), "--teacher",
+                           str(tmp_path / "t" / "teacher.pt"), "--batch-size", "2", "--out", str(tmp_path / "run")], capsys)
+    assert rc == 2 and "trained on data of shape [3, 32, 32]" in err and not (tmp_path / "run").exists(), err
+
+
+@pytest.mark.parametrize("sizes", [[(32, 32), (32, 32), (48, 48)], [(32, 24)] * 3], ids=["mixed", "non-square"])
+def test_a_folder_of_mixed_or_non_square_images_is_refused_naming_resolution(tmp_path, sizes):
+    folder = png_folder(tmp_path / "images", sizes)
+    line = refused_as_a_script(tmp_path, "realuid.py", "--dataset", str(folder), "--teacher", "t.pt")
+    assert "--resolution" in line and "not all one square size" in line, line
+    assert f"{sizes[-1][0]}x{sizes[-1][1]}" in line, line  # names the size that breaks the rule
+
+
 def test_a_process_that_leaks_its_data_loader_still_exits(image_folder_run):
     # the workers ignore SIGTERM while training (the main process stops at a boundary first), but not at exit,
     # where multiprocessing terminates them: else an error that keeps a traceback would hang the process
