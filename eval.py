@@ -32,9 +32,10 @@ import torch
 from realuid import (TEACHER_RECIPES, Config, RealUID, TeacherConfig, UNet, build_field, generate, load_field,
                      main as realuid_main, matching_model, read_field_checkpoint, realuid_generator_loss, realum_loss,
                      sample_field, teacher_step, train_teacher)
-from runtime import (DATA_FIELDS, FID, PRECISIONS, VERSION, HeldOut, Parser, UsageError, config_dict, count_parameters, fail,
-                     latest_checkpoint, load_checkpoint, load_data, load_reference_data, make_config, pyplot, refusing,
-                     resolve_device, save_checkpoint, save_grid, set_precision, to_data_units, to_uint8, use_bf16)
+from runtime import (DATA_FIELDS, DEGRADATIONS, FID, PRECISIONS, VERSION, Data, HeldOut, Parser, UsageError,
+                     config_dict, count_parameters, cycled, fail, latest_checkpoint, load_checkpoint, load_data,
+                     load_reference_data, make_config, pair_grid, paired_scores, pyplot, refusing, resolve_device,
+                     save_checkpoint, save_grid, set_precision, to_data_units, to_uint8, use_bf16)
 
 
 # =============================================================================
@@ -827,19 +828,24 @@ def cmd_fid(args):
 def cmd_sample(args):
     if args.n < 1:
         raise UsageError("--n must be positive")
-    _, net, ckpt, steps, matching = load_net(args)
+    path, net, ckpt, steps, matching = load_net(args)
     info = ckpt.get("data") or {}
+    paired = matching.coupled and info.get("kind") == "image"
+    if paired and not args.out.endswith(".npz"):
+        raise UsageError(f"paired images are written as one .npz of source, images and target: pass --out FILE.npz")
     device = resolve_device(args.device)
-    sources = None
+    sources, data = None, None
     if matching.coupled:  # the held-out sources x_T of the data set it was trained on, cycled
-        src = load_data(make_config(Config, {k: v for k, v in ckpt["config"].items() if k in DATA_FIELDS})).src_test
-        sources = src[torch.arange(args.n) % len(src)]
+        data = load_data(make_config(Config, {k: v for k, v in ckpt["config"].items() if k in DATA_FIELDS}))
+        sources = cycled(data.src_test, args.n)
     x = sample_field(net, args.n, tuple(info["shape"]), device, steps, info.get("num_classes"), args.seed,
                      matching=matching, sources=sources)
     what = "one-step generator" if steps is None else f"teacher, {steps} sampler steps"
     out = args.out
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-    if info.get("kind") == "image":
+    if paired:
+        write_pairs(args, path, ckpt, net if steps is not None else None, steps, matching, data, x, device)
+    elif info.get("kind") == "image":
         save_grid(x[:min(len(x), args.grid)], os.path.splitext(out)[0] + ".png")
         images = to_uint8(x).numpy().transpose(0, 2, 3, 1)
         if out.endswith(".npz"):
@@ -860,6 +866,36 @@ def cmd_sample(args):
         np.save(out, x)
         print(f"wrote {args.n} samples ({what}) of shape {x.shape[1:]} to {out}"
               + (" as (x_T, x1) rows, x_T the held-out sources" if sources is not None else ""))
+
+
+def write_pairs(args, path, ckpt, teacher, steps, matching, data, x, device):
+    """eval.py sample on paired images: uint8 source, images (the outputs) and target (the held-out ground truth)
+    in one .npz, their scores, and a grid of source | teacher 1 step | teacher N steps | generator | target."""
+    def nhwc(v):
+        return (v if v.dtype == torch.uint8 else to_uint8(v)).numpy().transpose(0, 2, 3, 1)
+    sources, targets = cycled(data.src_test, args.n), cycled(data.x_test, args.n)
+    np.savez(args.out, source=nhwc(sources), images=nhwc(x), target=nhwc(targets))
+    task = ckpt["config"].get("dataset")
+    scores = paired_scores(x, Data(x_test=targets, src_test=sources), task if task in DEGRADATIONS else None)
+    print(f"wrote {args.n} outputs ({'one-step generator' if steps is None else f'teacher, {steps} sampler steps'}) "
+          f"of the held-out sources with their targets to {args.out}: "
+          + ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()))
+    rows = min(args.n, args.grid, 16)
+    if teacher is None:  # a generator: its run's teacher gives the grid's teacher columns
+        where = ckpt["config"].get("teacher") or os.path.join(os.path.dirname(os.path.abspath(path)), "teacher.pt")
+        try:
+            teacher = load_field(where, "teacher")[0]
+        except UsageError as e:
+            print(f"(the grid leaves the teacher's columns out: {e})")
+    columns = [sources[:rows]]
+    if teacher is not None:
+        columns += [sample_field(teacher, rows, tuple(x.shape[1:]), device, k, None, args.seed, matching=matching,
+                                 sources=sources[:rows]) for k in (1, steps or 100)]
+    columns += ([x[:rows]] if steps is None else []) + [targets[:rows].float() / 127.5 - 1]
+    grid = os.path.splitext(args.out)[0] + ".png"
+    pair_grid(columns, grid)
+    print(f"grid, a held-out pair per row: source | " + ("teacher 1 step | teacher " + f"{steps or 100} steps | "
+          if teacher is not None else "") + ("one-step generator | " if steps is None else "") + f"target: {grid}")
 
 
 def cmd_export(args):

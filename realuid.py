@@ -42,13 +42,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import (DATA_FIELDS, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, RunFlags, Stopped,
-                     Supervisor, UsageError, batches, check_batch_size, check_dependent, check_finite, check_world,
-                     checkpoints_in, config_dict, count_parameters, distill_parts, failed, finish, grid_writer,
-                     init_ranks, load_checkpoint, load_data, load_state, make_config, new_folder, opt,
-                     parser_from_dataclass, read_field_checkpoint, refusing, report_lowdim, restore, resumed_run,
-                     rewind_metrics, save_checkpoint, save_grid, save_json, set_precision, stale_temporaries, state_of,
-                     supervise, use_bf16)
+from runtime import (DATA_FIELDS, DEGRADATIONS, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, RunFlags,
+                     Stopped, Supervisor, UsageError, batches, check_batch_size, check_dependent, check_finite,
+                     check_world, checkpoints_in, config_dict, count_parameters, cycled, distill_parts, failed, finish,
+                     grid_writer, init_ranks, load_checkpoint, load_data, load_state, make_config, new_folder, opt,
+                     parser_from_dataclass, read_field_checkpoint, refusing, report_lowdim, report_paired, restore,
+                     resumed_run, rewind_metrics, pair_grid, save_checkpoint, save_grid, save_json, set_precision,
+                     stale_temporaries, state_of, supervise, use_bf16)
 
 # =============================================================================
 # Config: defaults are the paper's CIFAR-10 recipe (Appendix D)
@@ -59,7 +59,9 @@ class Config(DistillFlags):
     """realuid.py's flags: the method's here, the run's (device, output, logging, checkpoints, FID) in
     runtime.DistillFlags."""
     dataset: str = opt("8gaussians", "8gaussians or modes-arc (built-in 2D), digits, cifar10, an image folder, or PATH.npy "
-                                     "(N x D floats or N x H x W x C uint8 images)")
+                                     "(N x D floats or N x H x W x C uint8 images); paired (si, bridge): pairs (2D), "
+                                     "digits-sr, digits-inpaint, PATH.npz (uint8 source, target) or a folder with "
+                                     "--target-dir")
     cond: bool = opt(False, "class-conditional generator, teacher and fake model")
     model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
                          "default: the teacher file's, fm for a teacher trained on the spot")
@@ -86,6 +88,8 @@ class Config(DistillFlags):
     batch_size: int = opt(256, "batch size (generated and real halves each)")
     steps: int = opt(500_000, "gradient updates in all, fake and generator (K:1)")
     warmup: int = opt(500, "linear learning-rate warm-up, in each network's own updates (as the official code)")
+    lr_decay: str = opt("none", "after the warm-up: none (a constant lr, the paper's) or cosine (down to 0 at "
+                                "--steps, in each network's own updates)", choices=("none", "cosine"))
     ema: tuple = opt((0.999, 0.9996, 0.9999), "EMA decays of the generator")
     grad_clip: float = opt(1.0, "gradient-norm clipping of both networks")
     teacher: str = opt("", "teacher checkpoint: teacher.py's, torchcfm's or the official RealUID's "
@@ -141,7 +145,9 @@ def check_config(cfg):
 @dataclass
 class TeacherConfig(RunFlags):
     """teacher.py's flags (and those of a teacher trained on the spot). Defaults: torchcfm's CIFAR-10 recipe."""
-    dataset: str = opt("8gaussians", "8gaussians or modes-arc (built-in 2D), digits, cifar10, an image folder, or PATH.npy")
+    dataset: str = opt("8gaussians", "8gaussians or modes-arc (built-in 2D), digits, cifar10, an image folder, "
+                                     "or PATH.npy; paired (si, bridge): pairs, digits-sr, digits-inpaint, PATH.npz, "
+                                     "or a folder with --target-dir")
     cond: bool = opt(False, "class-conditional teacher")
     model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
                            "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
@@ -260,14 +266,17 @@ class UNet(nn.Module):
     """torchcfm's UNetModelWrapper, same parameter names and shapes (tested against it).
 
     attention_resolutions are feature-map sizes (torchcfm's "16"); a head width
-    num_head_channels > 0 overrides num_heads, as in torchcfm.
+    num_head_channels > 0 overrides num_heads, as in torchcfm. cond_channels > 0: image-to-image, y is the source
+    image x_T, concatenated to the input's channels as image bridges do (torchcfm has no such input).
     """
 
     def __init__(self, in_channels=3, image_size=32, channels=128, channel_mult=(1, 2, 2, 2),
                  num_res_blocks=2, attention_resolutions=(16,), num_heads=4, num_head_channels=64,
-                 dropout=0.0, num_classes=None):
+                 dropout=0.0, num_classes=None, cond_channels=0):
         super().__init__()
-        self.channels, self.num_classes = channels, num_classes
+        if num_classes is not None and cond_channels:
+            raise ValueError("a UNet is conditioned on class labels or on a source image, not both")
+        self.channels, self.num_classes, self.cond_channels = channels, num_classes, cond_channels
         emb = 4 * channels
         attention_ds = {image_size // r for r in attention_resolutions}
 
@@ -279,7 +288,7 @@ class UNet(nn.Module):
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb)
         ch = input_ch = int(channel_mult[0] * channels)
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels + cond_channels, ch, 3, padding=1))])
         skip_chans, ds = [ch], 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -310,11 +319,13 @@ class UNet(nn.Module):
                                  zero_init(nn.Conv2d(input_ch, in_channels, 3, padding=1)))
 
     def _encode(self, t, x, y):
-        if (y is None) != (self.num_classes is None):
-            raise ValueError("pass labels y if and only if the network is class-conditional")
+        if (y is None) != (self.num_classes is None and not self.cond_channels):
+            raise ValueError("pass y (labels or the source image) if and only if the network is conditional")
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.channels))
-        if y is not None:
+        if self.cond_channels:
+            x = torch.cat([x, y], 1)
+        elif y is not None:
             emb = emb + self.label_emb(y)
         hs, h = [], x
         for block in self.input_blocks:
@@ -824,8 +835,13 @@ def fused_adam(device):
     return device.type in ("cpu", "cuda")
 
 
-def warmup_schedule(warmup):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def warmup_schedule(warmup, total=0):
+    """The lr factor at a network's update `step`: a linear warm-up, then constant, or with total > 0 a cosine
+    from 1 down to 0 at update `total` (the min-max then settles instead of circling: docs/matching-models.md)."""
+    def factor(step):
+        ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        return ramp * (0.5 + 0.5 * math.cos(math.pi * min(step, total) / total) if total > 0 else 1.0)
+    return factor
 
 
 def draw_all(fn, *xs):
@@ -870,8 +886,10 @@ class RealUID:
         self.fake_params = list(self.fake.parameters()) + (list(self.disc.parameters()) if cfg.gan else [])
         self.opt_fake = torch.optim.Adam(self.fake_params, **adam)
         self.opt_gen = torch.optim.Adam(self.generator.parameters(), **adam)
-        self.sched_fake = torch.optim.lr_scheduler.LambdaLR(self.opt_fake, warmup_schedule(cfg.warmup))
-        self.sched_gen = torch.optim.lr_scheduler.LambdaLR(self.opt_gen, warmup_schedule(cfg.warmup))
+        gen_updates = cfg.steps // (cfg.K + 1) if cfg.lr_decay == "cosine" else 0  # each network's own updates
+        self.sched_fake = torch.optim.lr_scheduler.LambdaLR(
+            self.opt_fake, warmup_schedule(cfg.warmup, cfg.steps - gen_updates if gen_updates else 0))
+        self.sched_gen = torch.optim.lr_scheduler.LambdaLR(self.opt_gen, warmup_schedule(cfg.warmup, gen_updates))
         self.step = 0
 
     def _run(self, fn, *args):
@@ -1060,7 +1078,7 @@ def default_field_spec(data, cfg):
                 channel_mult=list(cfg.channel_mult or default_channel_mult(res)),
                 num_res_blocks=cfg.num_res_blocks, attention_resolutions=list(cfg.attention_resolutions),
                 num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels, dropout=cfg.dropout,
-                num_classes=data.num_classes)
+                num_classes=data.num_classes) | (dict(cond_channels=c) if data.coupled else {})
 
 
 def teacher_step(net, optimiser, sched, ema, m, x1, y, grad_clip, bf16=False, draw=draw_all, apply=clip_and_step,
@@ -1123,8 +1141,13 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
                          ema={str(d): e.state_dict() for d, e in ema.items()}), path)
     if data.kind == "image" and cfg.sample_steps > 0:  # what the teacher has learnt
         grid = os.path.join(os.path.dirname(path), "teacher-samples.png")
-        save_grid(sample_field(ema[min(ema)], 64, data.shape(), device, cfg.sample_steps, data.num_classes,
-                               matching=m), grid)
+        sources = cycled(data.src_test, 16) if data.coupled else None  # held-out pairs: source | sample | target
+        x = sample_field(ema[min(ema)], 64 if sources is None else 16, data.shape(), device, cfg.sample_steps,
+                         data.num_classes, matching=m, sources=sources)
+        if sources is None:
+            save_grid(x, grid)
+        else:
+            pair_grid([sources, x, cycled(data.x_test, 16).float() / 127.5 - 1], grid)
         print(f"teacher samples ({cfg.sample_steps} sampler steps, EMA {min(ema)}): {grid}")
     return net
 
@@ -1258,7 +1281,7 @@ def main(argv=None):
         f"{state.step}..{cfg.steps} on {device}{f' x {ranks.world} ranks' if ranks.world > 1 else ''}, "
         f"{'bf16' if state.bf16 else 'fp32'}, {count_parameters(g)} generator parameters -> {out}")
     t0 = time.time()
-    grids = grid_writer(out, data.shape(), data.num_classes, device, generate) if data.kind == "image" else None
+    grids = grid_writer(out, data, device, generate) if data.kind == "image" else None
     try:
         stopped = supervise(distill, state, batches(data, cfg.batch_size, device, cfg.seed, state.step, cfg.workers,
                                                     ranks), out, meta, grids, scorer)
@@ -1274,6 +1297,16 @@ def main(argv=None):
         print(f"model selection: {scorer.summary()}")
     if data.kind == "lowdim" and ranks.main:
         report_lowdim(state, data, out, device, generate, cfg.seed)
+    elif data.coupled and ranks.main:
+        nets = {"teacher, 1 step": (state.teacher, 1), "teacher, 100 steps": (state.teacher, 100),
+                "RealUID generator, 1 step": (state.generator.g, None),
+                **{f"RealUID EMA {d}, 1 step": (net, None) for d, net in state.ema.items()}}
+        for name in sorted(os.listdir(out) if scorer else []):  # model selection's picks
+            if name.startswith("best-") and name.endswith(".pt"):
+                nets[f"{name} (update {load_checkpoint(os.path.join(out, name))['step']})"] = (
+                    load_field(os.path.join(out, name), "generator")[0], None)
+        report_paired(nets, data, cfg.dataset if cfg.dataset in DEGRADATIONS else None, out, device, generate,
+                      state.matching, scorer and scorer.fid, cfg.seed)
     return 0
 
 

@@ -81,6 +81,7 @@ class RunFlags:
     logging, saving and resuming. realuid.Config and realuid.TeacherConfig extend it."""
     resolution: int = opt(0, "image side: image folders (default: their images' own size) and digits (16 or 32, default 16)")
     data_root: str = opt("data", "where cifar10 is found or downloaded")
+    target_dir: str = opt("", "paired image folders: the targets' folder, --dataset the sources' (paired by file name)")
     eval_samples: int = opt(2000, "held-out points, never trained on, for the final metrics (low-dim data)")
     out: str = opt("", "output folder (default runs/<dataset>)")
     resume: str = opt("", "continue a run exactly: its output folder or checkpoint (teacher.py: teacher-state.pt, "
@@ -115,7 +116,7 @@ class DistillFlags(RunFlags):
                                          "(a teacher.pt; not comparable to published FIDs)")
 
 
-DATA_FIELDS = ("dataset", "cond", "seed", "eval_samples", "resolution", "data_root")  # what load_data reads
+DATA_FIELDS = ("dataset", "cond", "seed", "eval_samples", "resolution", "data_root", "target_dir")  # load_data's
 
 
 def make_config(cls, user, *recipes):
@@ -1126,6 +1127,67 @@ def own_size(files, folder):
     return next(iter(sizes))[0]
 
 
+DEGRADATIONS = ("digits-sr", "digits-inpaint")  # the built-in image-to-image tasks on the digits
+
+
+def degrade(task, x):
+    """A built-in task's source from its target, images in [-1, 1]; exactly this, so that a restoration's
+    consistency with its source is checked by degrading it again."""
+    if task == "digits-sr":  # 4x super-resolution: the means of 4 x 4 blocks, upsampled back by nearest neighbour
+        return F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="nearest")
+    if task == "digits-inpaint":  # the lower half (rows 8 to 15 at 16 x 16) black
+        half = x.shape[-2] // 2
+        return torch.cat([x[..., :half, :], torch.full_like(x[..., half:, :], -1.0)], -2)
+    raise ValueError(f"unknown degradation {task!r}")
+
+
+def load_npz_pairs(path):
+    """uint8 arrays `source` and `target`, N x H x W x C of one shape, as NCHW."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not {"source", "target"} <= set(f.files):
+                raise UsageError(f"{path} must hold the arrays source and target (it holds {', '.join(f.files)})")
+            src, tgt = f["source"], f["target"]
+    except FileNotFoundError:
+        raise UsageError(f"data file {path} does not exist") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{path} is not a readable .npz file ({str(e).strip().splitlines()[0]})") from None
+    for name, a in (("source", src), ("target", tgt)):
+        if a.ndim != 4 or a.dtype != np.uint8 or a.shape[3] not in (1, 3) or len(a) < 2:
+            raise UsageError(f"{path}: {name} must be N x H x W x C uint8 images with C = 1 or 3 and N >= 2 "
+                             f"(got shape {a.shape}, dtype {a.dtype})")
+    if src.shape != tgt.shape:
+        raise UsageError(f"{path}: source and target differ in shape ({src.shape} and {tgt.shape})")
+    return (torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() for a in (src, tgt))
+
+
+def load_folder_pairs(src_dir, tgt_dir, resolution):
+    """Two image folders whose files pair by their path inside each folder, read whole into memory (uint8)."""
+    sources, targets = list_images(src_dir), list_images(tgt_dir)
+    names = {os.path.relpath(f, src_dir): f for f in sources}
+    partners = {os.path.relpath(f, tgt_dir): f for f in targets}
+    for mine, theirs, where in ((names, partners, tgt_dir), (partners, names, src_dir)):
+        lone = sorted(set(mine) - set(theirs))
+        if lone:
+            raise UsageError(f"{mine[lone[0]]} has no partner {os.path.join(where, lone[0])}"
+                             + (f" (and {len(lone) - 1} more)" if len(lone) > 1 else "") + "; pairs match by file name")
+    order = sorted(names)
+    res = resolution or own_size([names[k] for k in order] + [partners[k] for k in order], f"{src_dir} and {tgt_dir}")
+    files = ImageFiles([names[k] for k in order], res), ImageFiles([partners[k] for k in order], res)
+    return (torch.stack([f[i][0] for i in range(len(order))]) for f in files)
+
+
+def paired_images(src, tgt, recipe):
+    """Paired images: the targets uint8, the sources in network coordinates; a fixed held-out split (the same for
+    the teacher and every distillation, whatever their flags), never trained on: a fifth, at most 2000."""
+    perm = torch.randperm(len(tgt), generator=torch.Generator().manual_seed(4321))
+    n_test = max(1, min(2000, len(tgt) // 5))
+    test, train = perm[:n_test], perm[n_test:]
+    src = src.float() / 127.5 - 1 if src.dtype == torch.uint8 else src
+    return Data(x=tgt[train], y=src[train], x_test=tgt[test], src_test=src[test], kind="image", recipe=recipe,
+                coupled=True)
+
+
 def load_data(cfg):
     """The data set named by cfg.dataset, with cfg.cond deciding whether labels are kept."""
     name, res = cfg.dataset, cfg.resolution
@@ -1140,6 +1202,16 @@ def load_data(cfg):
         data = standardise(x, None, None, data_test)  # sources and data share one coordinate system
         data.y, data.src_test, data.coupled = (x_src - data.mean) / data.std, (src_test - data.mean) / data.std, True
         data.modes = EIGHT_GAUSSIANS
+    elif name in DEGRADATIONS:
+        x, _ = load_digits(res or 16)
+        data = paired_images(degrade(name, x.float() / 127.5 - 1), x, "digits")
+    elif name.endswith(".npz"):
+        data = paired_images(*load_npz_pairs(name), "image")
+    elif cfg.target_dir:
+        if not os.path.isdir(name) or not os.path.isdir(cfg.target_dir):
+            lone = name if not os.path.isdir(name) else cfg.target_dir
+            raise UsageError(f"--target-dir pairs two image folders: {lone} is not a folder")
+        data = paired_images(*load_folder_pairs(name, cfg.target_dir, res), "image")
     elif name == "cifar10":
         x, y = load_cifar10(cfg.data_root)
         data = Data(x=x, y=y, num_classes=10, kind="image", recipe="image", flip=True)
@@ -1158,13 +1230,16 @@ def load_data(cfg):
         files = list_images(name)
         data = Data(files=files, resolution=res or own_size(files, name), kind="image", recipe="image", flip=True)
     else:
-        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, modes-arc, pairs, digits, cifar10, a folder of images, "
-                         f"or a .npy file (N x D floats or N x H x W x C uint8)")
+        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, modes-arc, pairs, digits, digits-sr, "
+                         f"digits-inpaint, cifar10, a folder of images (with --target-dir: paired), a .npy file "
+                         f"(N x D floats or N x H x W x C uint8) or a .npz of uint8 source and target images")
     if data.kind == "image" and min(data.shape()[1:]) % 8:
         raise UsageError(f"{name} holds images of side {data.shape()[1:]}; the UNet needs a multiple of 8"
                          + (" (--resolution sets it)" if data.files is not None or name == "digits" else ""))
     if cfg.cond and data.num_classes is None:
         raise UsageError(f"--cond needs class labels, and {name} has none")
+    if cfg.target_dir and not data.coupled:
+        raise UsageError(f"--target-dir pairs two image folders; {name} is not a folder of images")
     if not cfg.cond and not data.coupled:
         data.y, data.num_classes = None, None
     return data
@@ -1244,23 +1319,42 @@ def to_uint8(x):
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
+def cycled(x, n, first=0):
+    """n rows of x from row `first` on, going round: held-out sources for n samples."""
+    return x[(first + torch.arange(n)) % len(x)]
+
+
+def pair_grid(columns, path):
+    """Paired images as one PNG: a row per pair, the columns side by side (source | outputs | target)."""
+    from torchvision.utils import save_image
+    x = torch.stack([c.float().cpu() for c in columns], 1).flatten(0, 1)
+    save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=len(columns))
+
+
 def save_grid(x, path):
     """Images in [-1, 1] as one PNG grid."""
     from torchvision.utils import save_image
     save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(x)))))
 
 
-def grid_writer(out, shape, num_classes, device, generate, n=64):
+def grid_writer(out, data, device, generate, n=64):
     """Sample grids of the generator and every EMA, from the same fixed noise each time (generate: the
-    method's sampler, realuid.generate)."""
+    method's sampler, realuid.generate). Paired data: rows of held-out source | output | target."""
     folder = os.path.join(out, "samples")
     os.makedirs(folder, exist_ok=True)
+    sources = cycled(data.src_test, 16) if data.coupled else None
+    n = n if sources is None else len(sources)
 
     def write(state, step):
         nets = {"generator": state.generator.g, **{f"ema{d}": net for d, net in state.ema.items()}}
         for name, net in nets.items():
-            x = torch.cat(list(generate(net, n, shape, device, None, num_classes, seed=0, matching=state.matching)))
-            save_grid(x, os.path.join(folder, f"{name}-{step:07d}.png"))
+            x = torch.cat(list(generate(net, n, data.shape(), device, None, data.num_classes, seed=0,
+                                        matching=state.matching, sources=sources))).cpu()
+            path = os.path.join(folder, f"{name}-{step:07d}.png")
+            if sources is None:
+                save_grid(x, path)
+            else:
+                pair_grid([sources, x, cycled(data.x_test, 16).float() / 127.5 - 1], path)
     return write
 
 
@@ -1374,6 +1468,44 @@ def report_lowdim(state, data, out, device, generate, seed=0):
     return results
 
 
+def psnr(x, ref):
+    """The mean over images of their PSNR in dB, images in [-1, 1] (a peak of 1 on the [0, 1] scale)."""
+    mse = ((x.clamp(-1, 1) - ref) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((-10 * mse.log10()).mean())
+
+
+def paired_scores(x, data, task, fid=None):
+    """Restorations x of the held-out sources: PSNR to their targets, consistency with the source (PSNR after
+    degrading x again; the built-in tasks only, whose degradation is known) and FID against the targets."""
+    row = dict(psnr=psnr(x, data.x_test.float() / 127.5 - 1))
+    if task in DEGRADATIONS:
+        row["consistency"] = psnr(degrade(task, x.clamp(-1, 1)), data.src_test)
+    if fid is not None:
+        row["fid"] = fid.of_images(x)
+    return row
+
+
+def report_paired(nets, data, task, out, device, generate, matching, fid=None, seed=0):
+    """The closing table of a paired image run: each net in `nets` ({name: (network, sampler steps or None)})
+    restores every held-out source; its PSNR, consistency and FID, a results.json and a grid of the first 16."""
+    outputs, results = {}, {}
+    for name, (net, steps) in nets.items():
+        outputs[name] = torch.cat([x.cpu() for x in generate(
+            net, len(data.src_test), data.shape(), device, steps, None, seed, matching=matching,
+            sources=data.src_test, progress=name)])
+        results[name] = paired_scores(outputs[name], data, task, fid)
+    columns = [c for c in ("psnr", "consistency", "fid") if c in next(iter(results.values()))]
+    print(f"\n{'model':<34}" + "".join(f" {c:>11}" for c in columns)
+          + f"   (on the {len(data.src_test)} held-out pairs; PSNR in dB" + (", FID offline" if fid else "") + ")")
+    for name, r in results.items():
+        print(f"{name:<34}" + "".join(f" {r[c]:11.3f}" for c in columns))
+    save_json(results, os.path.join(out, "results.json"))
+    grid = os.path.join(out, "samples.png")
+    pair_grid([data.src_test[:16], *(x[:16] for x in outputs.values()), data.x_test[:16].float() / 127.5 - 1], grid)
+    print(f"\nheld-out pairs, one row each: source | {' | '.join(outputs)} | target: {grid}")
+    return results
+
+
 def plot_points(real, rows, results, path):
     """Real points beside the teacher at 1 and 100 steps and the best one-step generator."""
     plt = pyplot()
@@ -1482,8 +1614,9 @@ class NetworkFeatures:
 
     def __init__(self, path, device, image_size, load_field):
         net, ckpt = load_field(path, "feature network", image_size=image_size)
-        if not hasattr(net, "input_blocks") or getattr(net, "num_classes", None) is not None:
-            raise UsageError(f"--features {path} must be an unconditional image network (a UNet teacher.pt)")
+        if not hasattr(net, "input_blocks") or getattr(net, "num_classes", None) is not None or net.cond_channels:
+            raise UsageError(f"--features {path} must be an unconditional image network (a UNet teacher.pt; for "
+                             f"paired images, a teacher of the targets alone, e.g. teacher.py --dataset digits)")
         self.net, self.device = net.to(device).eval(), device
         self.channels = ckpt["field"]["in_channels"]
         st = os.stat(path)
@@ -1519,7 +1652,7 @@ class FID:
                  ranks=None, generate=None, load_field=None):
         mode = mode if mode != "auto" else "legacy_tensorflow" if ref == "cifar10" else "clean"
         self.shape, self.device, self.batch_size, self.bf16 = tuple(shape), device, batch_size, bf16
-        self.ranks, self.generate = ranks or Ranks(), generate
+        self.ranks, self.generate, self.sources = ranks or Ranks(), generate, None
         reference = None  # precomputed statistics are read first: a missing download fails before any work
         if ref == "cifar10" and features == "inception":
             if self.shape != (3, 32, 32):
@@ -1537,6 +1670,8 @@ class FID:
 
     def data_statistics(self, ref, load, cache_dir):
         data = load(ref)
+        if data.coupled:  # paired images: the outputs on the held-out sources against their held-out targets
+            self.sources, data = data.src_test, Data(x=data.x_test, kind="image")
         if data.kind != "image" or tuple(data.shape()) != self.shape:
             raise UsageError(f"the FID reference {ref} holds {'x'.join(map(str, data.shape()))} "
                              f"{'images' if data.kind == 'image' else 'points'}, but the generator makes "
@@ -1559,14 +1694,21 @@ class FID:
     def features(self, net, n, seed, steps=None, num_classes=None, matching=None):
         """Features of n generated images; under torchrun this rank's share of them, from its own seed."""
         r = self.ranks
+        first = r.rank * (n // r.world) + min(r.rank, n % r.world)
         n = n // r.world + (r.rank < n % r.world)
+        sources = None if self.sources is None else cycled(self.sources, n, first)
         return np.concatenate([self.extract(to_uint8(x)) for x in self.generate(
             net, n, self.shape, self.device, steps, num_classes, seed * r.world + r.rank, self.batch_size, self.bf16,
-            progress=f"FID: {n} samples" if r.main else None, matching=matching)])
+            progress=f"FID: {n} samples" if r.main else None, matching=matching, sources=sources)])
 
     def __call__(self, net, n, seed=0, steps=None, num_classes=None, matching=None):
         features = self.features(net, n, seed, steps, num_classes, matching)
         return frechet_distance(*statistics(features, self.ranks), self.mu, self.sigma)
+
+    def of_images(self, x):
+        """FID of given images in [-1, 1] (one process's)."""
+        features = np.concatenate([self.extract(to_uint8(b)) for b in x.split(self.batch_size)])
+        return frechet_distance(*statistics(features), self.mu, self.sigma)
 
 
 def clean_fid_statistics(name, res, mode, split):
@@ -1591,7 +1733,7 @@ def load_reference_data(resolution, data_root):
     """A loader of FID reference images given as --dataset takes them, at the training run's resolution."""
     def load(ref):
         return load_data(argparse.Namespace(dataset=ref, cond=False, seed=0, eval_samples=2000,
-                                            resolution=resolution, data_root=data_root))
+                                            resolution=resolution, data_root=data_root, target_dir=""))
     return load
 
 
@@ -1601,6 +1743,7 @@ class ModelSelection:
 
     def __init__(self, cfg, data, out, device, meta, matching, generate, load_field, resumed=False, ranks=None):
         self.cfg, self.out, self.meta, self.device, self.ranks = cfg, out, meta, device, ranks or Ranks()
+        self.fid = None
         self.shape, self.num_classes = tuple(data.shape()), data.num_classes
         if data.kind == "lowdim":
             self.metric, held = "w2", HeldOut(data, generate, matching, device, cfg.seed)
@@ -1615,6 +1758,7 @@ class ModelSelection:
             if self.ranks.main:
                 print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
             self.score = lambda net: fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching)
+            self.fid = fid
         self.best = {}  # a fresh run overwrites older best files; a resumed one keeps its best scores
         for name in os.listdir(out) if resumed else []:
             if name.startswith("best-") and name.endswith(".pt"):

@@ -88,6 +88,38 @@ def test_unet_small_configs_agree_with_torchcfm(image_size, channel_mult, num_re
                      5 if cond else None, seed=seed)
 
 
+def test_the_conditioned_unet_reads_its_source_as_extra_input_channels():
+    # image bridges condition on x_T by concatenating it to x_t: the first convolution takes 1 + 1 channels and
+    # every other weight is the unconditioned UNet's (so the unconditioned one stays torchcfm's, tested above)
+    kw = dict(in_channels=1, image_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+              attention_resolutions=(8,), num_head_channels=32)
+    cond, plain = R.UNet(**kw, cond_channels=1), R.UNet(**kw)
+    assert cond.input_blocks[0][0].weight.shape == (32, 2, 3, 3)
+    assert {k: v.shape for k, v in cond.state_dict().items() if k != "input_blocks.0.0.weight"} == \
+           {k: v.shape for k, v in plain.state_dict().items() if k != "input_blocks.0.0.weight"}
+    randomise_(cond)
+    g = torch.Generator().manual_seed(0)
+    t, x, y = torch.rand(3, generator=g), torch.randn(3, 1, 16, 16, generator=g), torch.randn(3, 1, 16, 16, generator=g)
+    out = cond(t, x, y)
+    assert out.shape == x.shape and (out - cond(t, x, y.flip(0))).abs().mean() > 1e-3  # the source matters
+    with torch.no_grad():  # the source's input weights at zero: the plain UNet on x alone
+        w = cond.input_blocks[0][0].weight
+        plain.load_state_dict({**cond.state_dict(), "input_blocks.0.0.weight": w[:, :1].clone()})
+        w[:, 1:] = 0
+        torch.testing.assert_close(cond(t, x, y), plain(t, x))
+    with pytest.raises(ValueError):
+        cond(t, x)
+    with pytest.raises(ValueError):
+        R.UNet(**kw, cond_channels=1, num_classes=10)
+    data = RT.load_data(make_data_cfg("digits-sr"))
+    assert R.default_field_spec(data, R.TeacherConfig())["cond_channels"] == 1
+    assert "cond_channels" not in R.default_field_spec(RT.load_data(make_data_cfg("digits")), R.TeacherConfig())
+
+
+def make_data_cfg(dataset, **kw):
+    return RT.make_config(R.Config, dict(dataset=dataset, **kw))
+
+
 # =============================================================================
 # Flow matching: path, target, sampler (torchcfm convention)
 # =============================================================================
@@ -674,6 +706,15 @@ def test_ema_warmup_and_k_to_1_schedule():
         sched.optimizer.step()
         sched.step()
     assert lrs == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])
+    # --lr-decay cosine: the same ramp times a cosine reaching 0 at each network's last update (K = 5, 60 updates:
+    # the generator's 10, the fake model's 50)
+    decay = R.warmup_schedule(5, 10)
+    assert [decay(k) for k in (0, 4, 5, 10, 12)] == pytest.approx(
+        [0.2 * (0.5 + 0.5 * math.cos(0)), 0.5 + 0.5 * math.cos(0.4 * math.pi), 0.5, 0.0, 0.0])
+    cfg = RT.make_config(R.Config, dict(steps=60, K=5, warmup=5, lr_decay="cosine"))
+    state = R.RealUID(cfg, *[R.MLPField(hidden=8) for _ in range(3)])
+    assert state.sched_gen.lr_lambdas[0](10) == 0 and state.sched_fake.lr_lambdas[0](50) == 0
+    assert state.sched_fake.lr_lambdas[0](25) == pytest.approx(0.5) and state.sched_gen.lr_lambdas[0](5) == 0.5
 
 
 def test_same_seed_same_weights_on_cpu():
@@ -2466,6 +2507,73 @@ def test_a_folder_of_mixed_or_non_square_images_is_refused_naming_resolution(tmp
     line = refused_as_a_script(tmp_path, "realuid.py", "--dataset", str(folder), "--teacher", "t.pt")
     assert "--resolution" in line and "not all one square size" in line, line
     assert f"{sizes[-1][0]}x{sizes[-1][1]}" in line, line  # names the size that breaks the rule
+
+
+def test_the_built_in_degradations_are_exactly_as_specified():
+    x = torch.rand(5, 1, 16, 16) * 2 - 1
+    blocks = x.reshape(5, 1, 4, 4, 4, 4).mean((3, 5))  # (row block, column block): the means of 4 x 4 blocks
+    sr = RT.degrade("digits-sr", x)
+    torch.testing.assert_close(sr, blocks.repeat_interleave(4, 2).repeat_interleave(4, 3))
+    inpaint = RT.degrade("digits-inpaint", x)
+    assert torch.equal(inpaint[..., :8, :], x[..., :8, :]) and (inpaint[..., 8:, :] == -1).all()
+    for task in RT.DEGRADATIONS:  # the data sets' sources are their targets degraded, held-out pairs too
+        data = RT.load_data(make_data_cfg(task))
+        assert data.coupled and data.shape() == [1, 16, 16] and data.x.dtype == torch.uint8
+        for target, source in ((data.x, data.y), (data.x_test, data.src_test)):
+            torch.testing.assert_close(source, RT.degrade(task, target.float() / 127.5 - 1))
+
+
+def test_held_out_pairs_are_never_in_a_training_batch():
+    data = RT.load_data(make_data_cfg("digits-sr"))
+    assert len(data.x) + len(data.x_test) == 1797 and len(data.x_test) == 1797 // 5
+    held = {bytes(x.numpy()) for x in data.x_test}
+    source = RT.batches(data, 64, torch.device("cpu"), seed=3)
+    seen = set()
+    for _ in range(2 * len(data.x) // 64 + 1):  # two epochs
+        xb, yb = next(source)
+        torch.testing.assert_close(yb, RT.degrade("digits-sr", xb))  # pairs stay pairs
+        seen |= {bytes(RT.to_uint8(x).numpy()) for x in xb}
+    assert len(seen) > 0.9 * len(data.x) and not seen & held
+    other = RT.load_data(make_data_cfg("digits-sr", seed=7, eval_samples=50))  # teacher and student share it
+    assert torch.equal(other.x_test, data.x_test)
+
+
+def bad_pairs(root):
+    """Broken paired data sets: (argv of the data, what the one line must name)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    img = lambda side: Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+    cases = {}
+    for name, files in (("lone", ["a", "b", "c"]), ("size", ["a", "b"]), ("broken", ["a", "b"])):
+        for sub in ("src", "tgt"):
+            (root / name / sub).mkdir(parents=True)
+            for f in files[:2] if (name, sub) == ("lone", "tgt") else files:
+                img(32 if (name, sub) == ("size", "tgt") and f == "b" else 16).save(root / name / sub / f"{f}.png")
+    (root / "broken" / "tgt" / "b.png").write_bytes(b"not a png")
+    cases["lone"] = ([str(root / "lone" / "src"), "--target-dir", str(root / "lone" / "tgt")],
+                     f"{root / 'lone' / 'src' / 'c.png'} has no partner")
+    cases["size"] = ([str(root / "size" / "src"), "--target-dir", str(root / "size" / "tgt")], "32x32 (b.png)")
+    cases["broken"] = ([str(root / "broken" / "src"), "--target-dir", str(root / "broken" / "tgt")],
+                       f"{root / 'broken' / 'tgt' / 'b.png'} cannot be read")
+    u8 = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)
+    np.savez(root / "nokey.npz", source=u8(4, 16, 16, 1))
+    cases["nokey"] = ([str(root / "nokey.npz")], "must hold the arrays source and target")
+    np.savez(root / "shape.npz", source=u8(4, 16, 16, 1), target=u8(4, 16, 16, 3))
+    cases["shape"] = ([str(root / "shape.npz")], "source and target differ in shape")
+    np.savez(root / "dtype.npz", source=u8(4, 16, 16, 1).astype(np.float32), target=u8(4, 16, 16, 1))
+    cases["dtype"] = ([str(root / "dtype.npz")], "source must be N x H x W x C uint8")
+    return cases
+
+
+def test_bad_pair_data_is_refused_in_one_line_naming_the_file(tmp_path, capsys):
+    cases = bad_pairs(tmp_path / "data")
+    for name, (argv, named) in cases.items():
+        rc, err = cli(R.main, ["--model", "bridge", "--dataset", *argv, "--teacher", "t.pt",
+                               "--out", str(tmp_path / name)], capsys)
+        assert_refused_cleanly(rc, err, tmp_path / name, "realuid.py")
+        assert rc == 2 and named in err, (name, err)
+    argv, named = cases["lone"]  # and as a user meets it: a script
+    assert named in refused_as_a_script(tmp_path, "teacher.py", "--model", "bridge", "--dataset", *argv)
 
 
 def test_a_process_that_leaks_its_data_loader_still_exits(image_folder_run):
