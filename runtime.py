@@ -1324,11 +1324,18 @@ def cycled(x, n, first=0):
     return x[(first + torch.arange(n)) % len(x)]
 
 
-def pair_grid(columns, path):
-    """Paired images as one PNG: a row per pair, the columns side by side (source | outputs | target)."""
+def pair_grid(columns, path, blocks=2):
+    """Paired images as one PNG: a row per pair, its columns side by side (source | outputs | target), the pairs
+    in `blocks` blocks side by side; small images enlarged (nearest neighbour) to about 48 pixels."""
     from torchvision.utils import save_image
-    x = torch.stack([c.float().cpu() for c in columns], 1).flatten(0, 1)
-    save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=len(columns))
+    x = torch.stack([c.float().cpu() for c in columns], 1)  # pairs, columns, C, H, W
+    blocks = min(blocks, len(x))
+    rows = math.ceil(len(x) / blocks)
+    x = torch.cat([x, x.new_full((rows * blocks - len(x), *x.shape[1:]), -1.0)])  # black pairs fill the last block
+    x = x.reshape(blocks, rows, *x.shape[1:]).transpose(0, 1).flatten(0, 2)  # row r: pair r, pair rows + r, ...
+    scale = max(1, 48 // x.shape[-1])
+    x = F.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
+    save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=blocks * len(columns), padding=scale, pad_value=1)
 
 
 def save_grid(x, path):

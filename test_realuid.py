@@ -1646,7 +1646,10 @@ def test_gaussian_pairs_are_coupled_to_a_neighbouring_mode():
     assert 0.45 < (k == (torch.cdist(x_src, c).argmin(1) + 1) % 8).float().mean() < 0.55
 
 
-FAMILY_W2_RATIO = 1.3  # the stated bound: the best one-step W2 over the teacher's at 100 steps, short runs
+# The stated bounds: the best one-step W2 over the teacher's at 100 steps, after these short runs. Measured at
+# this scale: vp 0.99 (1.43 with the time law over the teacher's whole range and no SiD normalisation), ve 0.95
+# (1.15 so), fm 1.19 (1.12 with the paper's generator form and time law: 1500 updates do not tell them apart)
+FAMILY_W2_RATIO = dict(fm=1.3, vp=1.1, ve=1.1)
 
 
 @pytest.fixture(scope="module")
@@ -1672,7 +1675,7 @@ def test_a_short_distillation_brings_each_family_from_its_start_to_near_its_teac
     results, _ = family_runs[model]
     best = min(v["w2"] for k, v in results.items() if k.startswith("RealUID"))
     start, teacher = results["generator's start, 1 step"]["w2"], results["teacher, 100 steps"]["w2"]
-    assert best <= FAMILY_W2_RATIO * teacher, results
+    assert best <= FAMILY_W2_RATIO[model] * teacher, results
     assert start - best > 0.6 * (start - teacher), results  # most of the way from its start to the teacher
 
 
