@@ -1306,7 +1306,7 @@ def main(argv=None):
                 nets[f"{name} (update {load_checkpoint(os.path.join(out, name))['step']})"] = (
                     load_field(os.path.join(out, name), "generator")[0], None)
         report_paired(nets, data, cfg.dataset if cfg.dataset in DEGRADATIONS else None, out, device, generate,
-                      state.matching, scorer and scorer.fid, cfg.seed)
+                      state.matching, scorer and scorer.fid, cfg.seed, cfg.eval_samples)
     return 0
 
 

@@ -82,7 +82,8 @@ class RunFlags:
     resolution: int = opt(0, "image side: image folders (default: their images' own size) and digits (16 or 32, default 16)")
     data_root: str = opt("data", "where cifar10 is found or downloaded")
     target_dir: str = opt("", "paired image folders: the targets' folder, --dataset the sources' (paired by file name)")
-    eval_samples: int = opt(2000, "held-out points, never trained on, for the final metrics (low-dim data)")
+    eval_samples: int = opt(2000, "held-out points, never trained on, for the final metrics (low-dim data; paired "
+                                  "images: how many held-out pairs the closing table restores)")
     out: str = opt("", "output folder (default runs/<dataset>)")
     resume: str = opt("", "continue a run exactly: its output folder or checkpoint (teacher.py: teacher-state.pt, "
                           "which --steps may also train longer)")
@@ -1492,9 +1493,11 @@ def paired_scores(x, data, task, fid=None):
     return row
 
 
-def report_paired(nets, data, task, out, device, generate, matching, fid=None, seed=0):
+def report_paired(nets, data, task, out, device, generate, matching, fid=None, seed=0, n=None):
     """The closing table of a paired image run: each net in `nets` ({name: (network, sampler steps or None)})
-    restores every held-out source; its PSNR, consistency and FID, a results.json and a grid of the first 16."""
+    restores the first n held-out sources (all by default); its PSNR, consistency and FID, a results.json and a
+    grid of the first 16."""
+    data = dataclasses.replace(data, x_test=data.x_test[:n], src_test=data.src_test[:n])
     outputs, results = {}, {}
     for name, (net, steps) in nets.items():
         outputs[name] = torch.cat([x.cpu() for x in generate(

@@ -2007,6 +2007,7 @@ def test_teacher_correction_closed_form_uid_learns_the_teachers_error_and_alpha_
     assert abs(eval_py.optimal_mean_1d(-2.0, -2.0, 0.9, 0.95) + 2.0) < 1e-3  # a right teacher: the real mean
 
 
+@pytest.mark.slow  # 12 s: the quick tier's budget went to the image-to-image tests
 def test_reproduce_runs_every_part_from_the_command_line(tmp_path, monkeypatch):
     # a smoke run of `eval.py reproduce` at a few updates per run; the claims are checked by the slow test below
     tiny = dict(eval_py.REPRODUCE["quick"], teacher_steps=40, steps=12, batch=64, every=6, eval_samples=100,
@@ -2500,7 +2501,8 @@ def test_an_image_folder_trains_at_its_images_own_size(tmp_path, capsys):
     assert teacher["data"]["shape"] == [3, 32, 32] and teacher["field"]["image_size"] == 32
     # a teacher that records its size refuses a folder of another
     rc, err = cli(R.main, ["--dataset", str(png_folder(tmp_path / "big", [(64, 64)] * 4)), "--teacher",
-                           str(tmp_path / "t" / "teacher.pt"), "--batch-size", "2", "--out", str(tmp_path / "run")], capsys)
+                           str(tmp_path / "t" / "teacher.pt"), "--batch-size", "2", "--out", str(tmp_path / "run")],
+                  capsys)
     assert rc == 2 and "trained on data of shape [3, 32, 32]" in err and not (tmp_path / "run").exists(), err
 
 
@@ -2577,6 +2579,30 @@ def test_bad_pair_data_is_refused_in_one_line_naming_the_file(tmp_path, capsys):
         assert rc == 2 and named in err, (name, err)
     argv, named = cases["lone"]  # and as a user meets it: a script
     assert named in refused_as_a_script(tmp_path, "teacher.py", "--model", "bridge", "--dataset", *argv)
+
+
+@pytest.mark.slow
+def test_eval_sample_on_pairs_writes_source_images_and_target_and_a_five_column_grid(tmp_path, capsys):
+    # a bridge teacher of a few updates and a generator of a few more: the file format, not the quality
+    assert teacher_py.main(["--model", "bridge", "--dataset", "digits-inpaint", "--steps", "3", "--batch-size", "8",
+                            "--sample-steps", "2", "--out", str(tmp_path / "t")] + TINY_UNET[:-2]) == 0
+    assert R.main(["--model", "bridge", "--dataset", "digits-inpaint", "--teacher", str(tmp_path / "t" / "teacher.pt"),
+                   "--steps", "6", "--batch-size", "8", "--K", "2", "--eval-samples", "8",
+                   "--out", str(tmp_path / "run")]) == 0
+    assert set(json.load(open(tmp_path / "run" / "results.json"))["teacher, 1 step"]) == {"psnr", "consistency"}
+    rc, err = cli(eval_py.main, ["sample", str(tmp_path / "run"), "--n", "5", "--out", str(tmp_path / "s.npy")], capsys)
+    assert rc == 2 and "--out FILE.npz" in err and not (tmp_path / "s.npy").exists(), err
+    assert eval_py.main(["sample", str(tmp_path / "run"), "--n", "5", "--out", str(tmp_path / "s.npz")]) == 0
+    data = RT.load_data(make_data_cfg("digits-inpaint"))
+    with np.load(tmp_path / "s.npz") as z:
+        want = ((5, 16, 16, 1), np.uint8)
+        assert {k: (z[k].shape, z[k].dtype) for k in z} == {k: want for k in ("source", "images", "target")}
+        np.testing.assert_array_equal(z["target"], data.x_test[:5].permute(0, 2, 3, 1).numpy())
+        np.testing.assert_array_equal(z["source"], RT.to_uint8(data.src_test[:5]).permute(0, 2, 3, 1).numpy())
+        assert (z["source"][:, 8:] == 0).all()  # the lower half black, as the task says
+    from PIL import Image
+    with Image.open(tmp_path / "s.png") as im:  # 5 pairs in 2 blocks of 3 rows: 2 x 5 columns of 48-pixel images
+        assert im.size == (10 * 48 + 11 * 3, 3 * 48 + 4 * 3), im.size
 
 
 def test_a_process_that_leaks_its_data_loader_still_exits(image_folder_run):
