@@ -47,7 +47,7 @@ from runtime import (DATA_FIELDS, DEGRADATIONS, VERSION, DistillFlags, Diverged,
                      check_world, checkpoints_in, config_dict, count_parameters, cycled, distill_parts, failed, finish,
                      grid_writer, init_ranks, load_checkpoint, load_data, load_state, make_config, new_folder, opt,
                      parser_from_dataclass, read_field_checkpoint, refusing, report_lowdim, report_paired, restore,
-                     resumed_run, rewind_metrics, pair_grid, save_checkpoint, save_grid, save_json, set_precision,
+                     resumed_run, rewind_metrics, sample_grid, save_checkpoint, save_json, set_precision,
                      stale_temporaries, state_of, supervise, use_bf16)
 
 # =============================================================================
@@ -1144,10 +1144,7 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
         sources = cycled(data.src_test, 16) if data.coupled else None  # held-out pairs: source | sample | target
         x = sample_field(ema[min(ema)], 64 if sources is None else 16, data.shape(), device, cfg.sample_steps,
                          data.num_classes, matching=m, sources=sources)
-        if sources is None:
-            save_grid(x, grid)
-        else:
-            pair_grid([sources, x, cycled(data.x_test, 16).float() / 127.5 - 1], grid)
+        sample_grid(x, grid, data, sources)
         print(f"teacher samples ({cfg.sample_steps} sampler steps, EMA {min(ema)}): {grid}")
     return net
 

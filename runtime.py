@@ -1339,6 +1339,14 @@ def pair_grid(columns, path, blocks=2):
     save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=blocks * len(columns), padding=scale, pad_value=1)
 
 
+def sample_grid(x, path, data, sources=None):
+    """Samples as one PNG: a plain grid, or for paired data rows of held-out source | sample | target."""
+    if sources is None:
+        save_grid(x, path)
+    else:
+        pair_grid([sources, x, cycled(data.x_test, len(sources)).float() / 127.5 - 1], path)
+
+
 def save_grid(x, path):
     """Images in [-1, 1] as one PNG grid."""
     from torchvision.utils import save_image
@@ -1358,11 +1366,7 @@ def grid_writer(out, data, device, generate, n=64):
         for name, net in nets.items():
             x = torch.cat(list(generate(net, n, data.shape(), device, None, data.num_classes, seed=0,
                                         matching=state.matching, sources=sources))).cpu()
-            path = os.path.join(folder, f"{name}-{step:07d}.png")
-            if sources is None:
-                save_grid(x, path)
-            else:
-                pair_grid([sources, x, cycled(data.x_test, 16).float() / 127.5 - 1], path)
+            sample_grid(x, os.path.join(folder, f"{name}-{step:07d}.png"), data, sources)
     return write
 
 
