@@ -2627,7 +2627,7 @@ def test_a_short_bridge_distillation_on_digits_sr_moves_the_generator_far_from_t
     assert rms(x, start) > 0.3 * rms(start, target), (rms(x, start), rms(start, target))
     one_step = results["teacher, 1 step"]["psnr"]
     assert results["RealUID generator, 1 step"]["psnr"] > one_step - 4, results  # moved, not into noise
-    assert results["RealUID EMA 0.95, 1 step"]["psnr"] > one_step + 0.3, results  # the real pairs pull it closer
+    assert results["RealUID EMA 0.95, 1 step"]["psnr"] > one_step + 0.3, results  # and ends closer to the targets
 
 
 def test_a_process_that_leaks_its_data_loader_still_exits(image_folder_run):
