@@ -411,6 +411,10 @@ def pad_like(t, x):
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def gaussian_like(x, gen=None):  # torch.randn_like, from a seeded generator when given one
+    return torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+
+
 def time_grid(i, steps, x):
     return torch.full((x.shape[0],), i / steps, device=x.device, dtype=x.dtype)
 
@@ -448,7 +452,7 @@ class MatchingModel:
     def one_step(self, g, z, y=None):  # G_theta(z[, y]) from a field g with the teacher's architecture
         raise NotImplementedError
 
-    def sample(self, field, z, steps, y=None):  # the teacher's many-step sampler
+    def sample(self, field, z, steps, y=None, gen=None):  # the teacher's many-step sampler; gen: its noise's seed
         raise NotImplementedError
 
 
@@ -493,7 +497,7 @@ class FlowMatching(MatchingModel):
         return self.denoise(g(t, x, y), x, t)
 
     @torch.no_grad()
-    def sample(self, field, z, steps, y=None, sde=False):
+    def sample(self, field, z, steps, y=None, sde=False, gen=None):
         """Euler integration of dx/dt = field(t, x) from t = 0 (noise) to t = 1 (data)."""
         x = z
         for i in range(steps):
@@ -609,7 +613,7 @@ class Diffusion(MatchingModel):
         return self.denoise(g(t, x, y), x, t)
 
     @torch.no_grad()
-    def sample(self, field, z, steps, y=None, sde=False):
+    def sample(self, field, z, steps, y=None, sde=False, gen=None):
         """From x = s_0 z at t = 0: DDIM (the probability-flow ODE, exact in the data prediction) or, with sde,
         Euler-Maruyama of dx = (a'/a x + 2 k score) dt + sqrt(2 k) dW, whose marginals are the path's."""
         x = self.a_s(torch.zeros(1, device=z.device))[1] * z
@@ -622,7 +626,7 @@ class Diffusion(MatchingModel):
                 x = a_next * x1 + s_next * eps
             else:  # the linear drift a'/a x integrated exactly, the score term by Euler
                 dt = 1.0 / steps
-                x = a_next / a * x - 2 * k * eps / s * dt + (2 * k * dt).sqrt() * torch.randn_like(x)
+                x = a_next / a * x - 2 * k * eps / s * dt + (2 * k * dt).sqrt() * gaussian_like(x, gen)
         if self.param == "edm":  # back from the network's coordinates: c_in = 1 / sqrt(sigma_min^2 + 1) at t = 1
             x = x / self.a_s(torch.ones(1, device=z.device))[0]
         return x
@@ -680,12 +684,12 @@ class Interpolant(MatchingModel):
         return x0 + g(torch.zeros(z.shape[0], device=z.device, dtype=z.dtype), x0, y)
 
     @torch.no_grad()
-    def sample(self, field, z, steps, y, sde=True):
+    def sample(self, field, z, steps, y, sde=True, gen=None):
         x = y + self.source_noise * z
         for i in range(steps):
             x = x + field(time_grid(i, steps, x), x, y) / steps
             if self.type == "bridge" and i < steps - 1:
-                x = x + self.sigma * math.sqrt(1 / steps) * torch.randn_like(x)
+                x = x + self.sigma * math.sqrt(1 / steps) * gaussian_like(x, gen)
         return x
 
 
@@ -1038,7 +1042,7 @@ def generate(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_
             if sources is not None:
                 y = sources[start:start + b].to(device)
             with autocast:
-                x = matching.one_step(net, z, y) if steps is None else matching.sample(net, z, steps, y)
+                x = matching.one_step(net, z, y) if steps is None else matching.sample(net, z, steps, y, gen=gen)
             yield x.float()
     finally:
         net.train(was_training)
