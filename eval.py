@@ -621,7 +621,8 @@ def write_report(out, report, md, what, start):
 
 
 # The families of matching models on 2D data: (model, diffusion parameterisation)
-FAMILIES = {"fm": ("fm", ""), "vp": ("vp", "eps"), "vp-score": ("vp", "score"), "ve": ("ve", "edm")}
+FAMILIES = {"fm": ("fm", ""), "vp": ("vp", "eps"), "vp-score": ("vp", "score"), "ve": ("ve", "edm"),
+            "ve-v": ("ve", "v"), "vp-v": ("vp", "v")}
 
 
 def best_one_step(folder):

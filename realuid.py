@@ -152,7 +152,8 @@ class TeacherConfig(RunFlags):
     model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
                            "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
     param: str = opt("", "diffusion: the network predicts the noise (eps), the score, or EDM's preconditioned "
-                         "denoiser (edm); default: eps for vp, edm for ve", choices=("", "eps", "score", "edm"))
+                         "denoiser (edm), velocity in flow matching's coordinates (v); default: eps for vp, edm for ve",
+                         choices=("", "eps", "score", "edm", "v"))
     sigma: float = opt(0.5, "si, bridge: the scale of the path's noise gamma_t")
     source_noise: float = opt(0.1, "si, bridge: the noise added to the source x_T at t = 0 (the generator's z)")
     lr: float = opt(2e-4, "Adam learning rate")
@@ -516,6 +517,9 @@ class Diffusion(MatchingModel):
     the network sees c_in x = (x1 + sigma x0) / sqrt(sigma^2 + 1), which is this path rescaled (a_s returns the
     rescaled a, s), and predicts F with x1_hat = c_skip x / c_in + c_out F (target (sigma x1 - x0) c_in,
     weight 1); its training law draws log sigma ~ N(-0.5, 1.2^2) (EDM's, shifted for sigma_data = 1).
+    v: flow matching's coordinates, the path rescaled to (x1 + sigma x0) / (1 + sigma), whose velocity x1 - x0
+    the network predicts (x1_hat = x + s f), trained on flow matching's law, sigma = (1 - u) / u, u ~ U[0, 1],
+    and distilled on the same law above u = 1 / (1 + sigma_init).
 
     Distillation (SiD's choices): the one-step generator is the teacher's denoiser at the noise level
     sigma_init, G(z) = x1_hat(s z) at t_g; the fake model and the generator loss see only the lower noise levels
@@ -525,7 +529,7 @@ class Diffusion(MatchingModel):
     P_MEAN, P_STD = -0.5, 1.2
 
     def __init__(self, type="vp", param="eps", sigma_init=2.5, lam=(-10.0, 10.0), sigma=(80.0, 0.002)):
-        if type not in ("vp", "ve") or param not in ("eps", "score", "edm"):
+        if type not in ("vp", "ve") or param not in ("eps", "score", "edm", "v"):
             raise ValueError(f"unknown diffusion {type!r} / parameterisation {param!r}")
         self.type, self.param, self.sigma_init, self.lam, self.sigma = type, param, sigma_init, lam, sigma
         self.t_g = self.t_of_sigma(sigma_init)
@@ -553,22 +557,30 @@ class Diffusion(MatchingModel):
         return torch.ones_like(t), s, s ** 2 * math.log(self.sigma[0] / self.sigma[1])
 
     def a_s(self, t):
-        """(a_t, s_t, k_t) in the network's coordinates: the path's, or under edm the path times c_in / a (a
-        rescaling r multiplies k by r^2)."""
+        """(a_t, s_t, k_t) in the network's coordinates: the path's, or the path rescaled by r, under edm to
+        c_in (x1 + sigma x0), under v to a + s = 1 (a rescaling r multiplies k by r^2)."""
         a, s, k = self.base(t)
-        if self.param != "edm":
+        if self.param not in ("edm", "v"):
             return a, s, k
-        r = 1 / (a * ((s / a) ** 2 + 1).sqrt())
+        r = 1 / (a + s) if self.param == "v" else 1 / (a * ((s / a) ** 2 + 1).sqrt())
         return a * r, s * r, k * r ** 2
 
     def sample_t(self, n, device):
-        if self.param != "edm":
+        if self.param == "edm":
+            sigma = (self.P_MEAN + self.P_STD * torch.randn(n, device=device)).exp()
+        elif self.param == "v":
+            u = torch.rand(n, device=device)
+            sigma = (1 - u) / u
+        else:
             return torch.rand(n, device=device)
-        sigma = (self.P_MEAN + self.P_STD * torch.randn(n, device=device)).exp()
         return self.t_of_sigma(sigma).clamp(0, 1)
 
     def distill_t(self, n, device):  # SiD: noise levels below the generator's own, s / a <= sigma_init
-        return self.t_g + (1 - self.t_g) * torch.rand(n, device=device)
+        if self.param != "v":
+            return self.t_g + (1 - self.t_g) * torch.rand(n, device=device)
+        u_g = 1 / (1 + self.sigma_init)  # v: its training law, flow matching's, above u_g
+        u = u_g + (1 - u_g) * torch.rand(n, device=device)
+        return self.t_of_sigma((1 - u) / u).clamp(0, 1)
 
     def weight(self, t):
         return self.a_s(t)[1] ** 2 if self.param == "score" else None
@@ -580,6 +592,8 @@ class Diffusion(MatchingModel):
     def target(self, x0, x1, t):
         if self.param == "eps":
             return x0
+        if self.param == "v":
+            return x1 - x0
         a, s, _ = (pad_like(v, x0) for v in self.a_s(t))
         return -x0 / s if self.param == "score" else s * x1 - a * x0  # edm: (sigma x1 - x0) c_in
 
@@ -590,13 +604,15 @@ class Diffusion(MatchingModel):
             return (x - s * f) / a
         if self.param == "score":
             return (x + s ** 2 * f) / a
+        if self.param == "v":  # a + s = 1 here
+            return x + s * f
         # edm: here a = c_in and s = sigma c_in, so c_skip = a^2 and c_out = s
         return a * x + s * f
 
     def units(self, t):
         """|d x1_hat|^2 / |d f|^2: the squared change of the denoiser per unit change of the field."""
         a, s, _ = self.a_s(t)
-        return {"eps": (s / a) ** 2, "score": (s ** 2 / a) ** 2, "edm": s ** 2}[self.param]
+        return {"eps": (s / a) ** 2, "score": (s ** 2 / a) ** 2, "edm": s ** 2, "v": s ** 2}[self.param]
 
     def generator_weight(self, t, x_t, x_gen, f_star):
         # SiD's normalisation: the loss in the denoiser's units, over the teacher's mean absolute error, detached
@@ -627,7 +643,7 @@ class Diffusion(MatchingModel):
             else:  # the linear drift a'/a x integrated exactly, the score term by Euler
                 dt = 1.0 / steps
                 x = a_next / a * x - 2 * k * eps / s * dt + (2 * k * dt).sqrt() * gaussian_like(x, gen)
-        if self.param == "edm":  # back from the network's coordinates: c_in = 1 / sqrt(sigma_min^2 + 1) at t = 1
+        if self.param in ("edm", "v"):  # back from the network's coordinates, a rescaling of the path's
             x = x / self.a_s(torch.ones(1, device=z.device))[0]
         return x
 

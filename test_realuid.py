@@ -1539,7 +1539,7 @@ def binned_means(x, u, edges):
     return out
 
 
-@pytest.mark.parametrize("kind,param", [(k, p) for k in ("vp", "ve") for p in ("eps", "score", "edm")])
+@pytest.mark.parametrize("kind,param", [(k, p) for k in ("vp", "ve") for p in ("eps", "score", "edm", "v")])
 def test_diffusion_target_minimiser_sampler_and_one_step_are_the_closed_forms(kind, param):
     m, mu, v, n = R.Diffusion(kind, param), 1.5, 0.36, 400_000
     g = torch.Generator().manual_seed(0)
@@ -1548,11 +1548,13 @@ def test_diffusion_target_minimiser_sampler_and_one_step_are_the_closed_forms(ki
     def closed(t, x):  # the field of Tweedie's E[x1 | x_t = x] for x1 ~ N(mu, v), in the network's units
         a, s, _ = (R.pad_like(u, x) for u in m.a_s(t))
         x1 = mu + a * v * (x - a * mu) / (a ** 2 * v + s ** 2)
-        return {"eps": (x - a * x1) / s, "score": -(x - a * x1) / s ** 2, "edm": (x1 - a * x) / s}[param]
+        return {"eps": (x - a * x1) / s, "score": -(x - a * x1) / s ** 2, "edm": (x1 - a * x) / s,
+                "v": (x1 - x) / s}[param]
     t_end = torch.tensor([0.0, 1.0])
     a, s, _ = m.a_s(t_end)
-    # t = 0 noise, t = 1 data (edm: in the network's coordinates, (x1 + sigma x0) / sqrt(sigma^2 + 1))
-    assert s[0] > 0.99 * (80 if kind == "ve" and param != "edm" else 1) and a[1] > 0.9999 and s[1] < 0.007
+    # t = 0 noise, t = 1 data (edm: in the network's coordinates, (x1 + sigma x0) / sqrt(sigma^2 + 1); v: in
+    # flow matching's, (x1 + sigma x0) / (1 + sigma), whose noise end at sigma = 80 is s = 80 / 81)
+    assert s[0] > 0.98 * (80 if kind == "ve" and param in ("eps", "score") else 1) and a[1] > (0.993 if param == "v" else 0.9999) and s[1] < 0.007
     for t in (0.3, 0.7):
         tt = torch.full((n,), t)
         xt, u = m.path(x0, x1, tt), m.target(x0, x1, tt)
@@ -1788,7 +1790,7 @@ def test_score_weighting_makes_the_score_loss_the_eps_loss(kind):
 
 
 @pytest.mark.parametrize("kind", ["vp", "ve"])
-@pytest.mark.parametrize("param", ["eps", "score", "edm"])
+@pytest.mark.parametrize("param", ["eps", "score", "edm", "v"])
 def test_every_parameterisation_reads_its_target_as_the_data_and_the_conditional_score(kind, param):
     m = R.Diffusion(kind, param)
     g = torch.Generator().manual_seed(1)
@@ -1806,14 +1808,35 @@ def test_every_parameterisation_reads_its_target_as_the_data_and_the_conditional
         torch.testing.assert_close(m.denoise(f, x, t), c_skip * (x1 + sigma * x0) + c_out * f)
         lam = (sigma ** 2 + 1) / sigma ** 2  # EDM's loss weight: lam ||D - x1||^2 is our unweighted UM loss
         torch.testing.assert_close(lam[:, 0] * R.sqnorm(m.denoise(f, x, t) - x1), R.um_loss(f, m.target(x0, x1, t)))
+    if param == "v":  # flow matching at t_fm = 1 / (1 + sigma): its path, target and denoiser, exactly
+        a, s, _ = m.base(t)
+        fm, t_fm = R.FlowMatching(), 1 / (1 + s / a)
+        f = torch.randn(256, 3, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(x, fm.path(x0, x1, t_fm))
+        torch.testing.assert_close(m.target(x0, x1, t), fm.target(x0, x1, t_fm))
+        torch.testing.assert_close(m.denoise(f, x, t), fm.denoise(f, x, t_fm))
+        a, s, _ = m.base(m.sample_t(200_000, "cpu"))  # trained on flow matching's law: t_fm ~ U[0, 1]
+        t_fm = 1 / (1 + s / a)
+        a, s, _ = m.base(torch.tensor([0.0, 1.0]))
+        lo, hi = (1 / (1 + s / a)).tolist()  # beyond the diffusion's noise levels the law is clamped to its ends
+        inside = t_fm[(t_fm > lo + 1e-6) & (t_fm < hi - 1e-6)]
+        assert abs(float(inside.mean()) - (lo + hi) / 2) < 0.003 and abs(float(inside.std()) - (hi - lo) / 12 ** 0.5) < 0.003
 
 
 @pytest.mark.parametrize("kind", ["vp", "ve"])
-def test_distillation_sees_only_noise_levels_below_sigma_init(kind):
-    m = R.Diffusion(kind, "eps", sigma_init=2.5)
+@pytest.mark.parametrize("param", ["eps", "v"])
+def test_distillation_sees_only_noise_levels_below_sigma_init(kind, param):
+    m = R.Diffusion(kind, param, sigma_init=2.5)
     t = m.distill_t(100_000, "cpu")
     a, s, _ = m.base(t)
     assert float((s / a).max()) <= 2.5 * (1 + 1e-5) and float((s / a).min()) < 0.01  # SiD: (0, sigma_init]
+    t_fm = 1 / (1 + s / a)
+    if param == "v":  # its training law, flow matching's t_fm ~ U[0, 1], above t_fm = 1 / (1 + sigma_init)
+        inside = t_fm[t_fm < float(1 / (1 + m.base(torch.tensor([1.0]))[1])) - 1e-6]
+        lo, hi = 1 / 3.5, float(inside.max())
+        assert abs(float(inside.mean()) - (lo + hi) / 2) < 0.003 and abs(float(inside.std()) - (hi - lo) / 12 ** 0.5) < 0.003
+    else:  # uniform in t: the log-SNR is uniform, so t_fm is not
+        assert abs(float(t_fm.mean()) - (1 / 3.5 + 1) / 2) > 0.05
     assert float(m.sample_t(100_000, "cpu").min()) < 0.01  # the teacher trains on every level
     a, s, _ = m.base(torch.tensor([m.t_g]))
     assert float(s / a) == pytest.approx(2.5, rel=1e-5)
@@ -1821,7 +1844,7 @@ def test_distillation_sees_only_noise_levels_below_sigma_init(kind):
     assert float(fm.distill_t(100_000, "cpu").min()) < 0.001 and float(fm.distill_t(100_000, "cpu").max()) > 0.999
 
 
-@pytest.mark.parametrize("param", ["eps", "score", "edm"])
+@pytest.mark.parametrize("param", ["eps", "score", "edm", "v"])
 def test_the_generator_loss_is_normalised_per_sample_as_sid(param):
     # SiD (Zhou et al. 2024, eq. 9): weight C / ||x_g - D*(x_t)||_1 on the loss in the denoiser's units
     m = R.Diffusion("vp", param)
