@@ -565,22 +565,23 @@ class Diffusion(MatchingModel):
         r = 1 / (a + s) if self.param == "v" else 1 / (a * ((s / a) ** 2 + 1).sqrt())
         return a * r, s * r, k * r ** 2
 
+    def flow_law(self, n, device, u_min=0.0):
+        """Flow matching's law, t_fm = 1 / (1 + sigma) ~ U[u_min, 1], as this diffusion's times."""
+        u = u_min + (1 - u_min) * torch.rand(n, device=device)
+        return self.t_of_sigma((1 - u) / u).clamp(0, 1)
+
     def sample_t(self, n, device):
-        if self.param == "edm":
-            sigma = (self.P_MEAN + self.P_STD * torch.randn(n, device=device)).exp()
-        elif self.param == "v":
-            u = torch.rand(n, device=device)
-            sigma = (1 - u) / u
-        else:
+        if self.param == "v":
+            return self.flow_law(n, device)
+        if self.param != "edm":
             return torch.rand(n, device=device)
+        sigma = (self.P_MEAN + self.P_STD * torch.randn(n, device=device)).exp()
         return self.t_of_sigma(sigma).clamp(0, 1)
 
     def distill_t(self, n, device):  # SiD: noise levels below the generator's own, s / a <= sigma_init
-        if self.param != "v":
-            return self.t_g + (1 - self.t_g) * torch.rand(n, device=device)
-        u_g = 1 / (1 + self.sigma_init)  # v: its training law, flow matching's, above u_g
-        u = u_g + (1 - u_g) * torch.rand(n, device=device)
-        return self.t_of_sigma((1 - u) / u).clamp(0, 1)
+        if self.param == "v":  # its training law, above the generator's level
+            return self.flow_law(n, device, 1 / (1 + self.sigma_init))
+        return self.t_g + (1 - self.t_g) * torch.rand(n, device=device)
 
     def weight(self, t):
         return self.a_s(t)[1] ** 2 if self.param == "score" else None
