@@ -517,14 +517,15 @@ class Diffusion(MatchingModel):
     the network sees c_in x = (x1 + sigma x0) / sqrt(sigma^2 + 1), which is this path rescaled (a_s returns the
     rescaled a, s), and predicts F with x1_hat = c_skip x / c_in + c_out F (target (sigma x1 - x0) c_in,
     weight 1); its training law draws log sigma ~ N(-0.5, 1.2^2) (EDM's, shifted for sigma_data = 1).
-    v: flow matching's coordinates, the path rescaled to (x1 + sigma x0) / (1 + sigma), whose velocity x1 - x0
-    the network predicts (x1_hat = x + s f), trained on flow matching's law, sigma = (1 - u) / u, u ~ U[0, 1],
-    and distilled on the same law above u = 1 / (1 + sigma_init).
+    v: flow matching itself in the diffusion's noise levels: the time t is flow matching's clock,
+    sigma = (1 - t) / t clamped to the diffusion's range, the network sees the path rescaled to
+    (x1 + sigma x0) / (1 + sigma) (flow matching's x_t) and predicts its velocity x1 - x0 (x1_hat = x + s f);
+    its laws are uniform in t, and its generator loss is flow matching's, unnormalised.
 
     Distillation (SiD's choices): the one-step generator is the teacher's denoiser at the noise level
     sigma_init, G(z) = x1_hat(s z) at t_g; the fake model and the generator loss see only the lower noise levels
-    (t >= t_g); the generator loss is read in the denoiser's units and divided per sample by the teacher's
-    mean absolute denoising error of that sample (SiD's normalisation).
+    (t >= t_g); the generator loss (but v's) is read in the denoiser's units and divided per sample by the
+    teacher's mean absolute denoising error of that sample (SiD's normalisation).
     """
     P_MEAN, P_STD = -0.5, 1.2
 
@@ -533,22 +534,33 @@ class Diffusion(MatchingModel):
             raise ValueError(f"unknown diffusion {type!r} / parameterisation {param!r}")
         self.type, self.param, self.sigma_init, self.lam, self.sigma = type, param, sigma_init, lam, sigma
         self.t_g = self.t_of_sigma(sigma_init)
-        if not 0 <= self.t_g < 1:
+        if not 0 <= self.t_g < 1 or not self.sigma_range()[0] < sigma_init <= self.sigma_range()[1]:
             raise ValueError(f"--sigma-init {sigma_init} lies outside this diffusion's noise levels")
 
     def spec(self):
         return dict(type=self.type, param=self.param, sigma_init=self.sigma_init, lam=list(self.lam),
                     sigma=list(self.sigma))
 
+    def sigma_range(self):
+        return (math.exp(-self.lam[1] / 2), math.exp(-self.lam[0] / 2)) if self.type == "vp" else self.sigma[::-1]
+
     def t_of_sigma(self, sigma):
         """The time at which s / a = sigma (a float or a tensor)."""
         log = torch.log if torch.is_tensor(sigma) else math.log
+        if self.param == "v":
+            return 1 / (1 + sigma)
         if self.type == "vp":  # lam = -2 log sigma
             return (-2 * log(sigma) - self.lam[0]) / (self.lam[1] - self.lam[0])
         return log(self.sigma[0] / sigma) / math.log(self.sigma[0] / self.sigma[1])
 
     def base(self, t):
         """(a_t, s_t, k_t) of the path itself, with k_t = s (a' s / a - s'), the reverse SDE's g^2 / 2."""
+        if self.param == "v":  # flow matching's clock: sigma = (1 - t) / t, so -d log sigma / dt = 1 / (t (1 - t))
+            lo, hi = self.sigma_range()
+            sigma = ((1 - t) / t).clamp(lo, hi)
+            a = torch.ones_like(t) if self.type == "ve" else (sigma ** 2 + 1).rsqrt()
+            inside = (sigma > lo) & (sigma < hi)
+            return a, sigma * a, torch.where(inside, (sigma * a) ** 2 / (t * (1 - t)).clamp_min(1e-12), 0)
         if self.type == "vp":
             rate = self.lam[1] - self.lam[0]
             lam = self.lam[0] + rate * t
@@ -565,22 +577,13 @@ class Diffusion(MatchingModel):
         r = 1 / (a + s) if self.param == "v" else 1 / (a * ((s / a) ** 2 + 1).sqrt())
         return a * r, s * r, k * r ** 2
 
-    def flow_law(self, n, device, u_min=0.0):
-        """Flow matching's law, t_fm = 1 / (1 + sigma) ~ U[u_min, 1], as this diffusion's times."""
-        u = u_min + (1 - u_min) * torch.rand(n, device=device)
-        return self.t_of_sigma((1 - u) / u).clamp(0, 1)
-
     def sample_t(self, n, device):
-        if self.param == "v":
-            return self.flow_law(n, device)
         if self.param != "edm":
             return torch.rand(n, device=device)
         sigma = (self.P_MEAN + self.P_STD * torch.randn(n, device=device)).exp()
         return self.t_of_sigma(sigma).clamp(0, 1)
 
     def distill_t(self, n, device):  # SiD: noise levels below the generator's own, s / a <= sigma_init
-        if self.param == "v":  # its training law, above the generator's level
-            return self.flow_law(n, device, 1 / (1 + self.sigma_init))
         return self.t_g + (1 - self.t_g) * torch.rand(n, device=device)
 
     def weight(self, t):
@@ -616,6 +619,8 @@ class Diffusion(MatchingModel):
         return {"eps": (s / a) ** 2, "score": (s ** 2 / a) ** 2, "edm": s ** 2, "v": s ** 2}[self.param]
 
     def generator_weight(self, t, x_t, x_gen, f_star):
+        if self.param == "v":  # flow matching's loss: SiD's normalisation costs it W2 (docs/matching-models.md)
+            return None
         # SiD's normalisation: the loss in the denoiser's units, over the teacher's mean absolute error, detached
         error = (x_gen - self.denoise(f_star, x_t, t)).abs().flatten(1).mean(1).detach()
         return self.units(t) / (error + 1e-8)
