@@ -151,8 +151,8 @@ class TeacherConfig(RunFlags):
     cond: bool = opt(False, "class-conditional teacher")
     model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
                            "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
-    param: str = opt("", "diffusion: the network predicts the noise (eps), the score, or EDM's preconditioned "
-                         "denoiser (edm), velocity in flow matching's coordinates (v); default: eps for vp, edm for ve",
+    param: str = opt("", "diffusion: the network predicts the noise (eps), the score, EDM's preconditioned "
+                         "denoiser (edm), or flow matching's velocity on its clock (v); default: eps for vp, edm for ve",
                          choices=("", "eps", "score", "edm", "v"))
     sigma: float = opt(0.5, "si, bridge: the scale of the path's noise gamma_t")
     source_noise: float = opt(0.1, "si, bridge: the noise added to the source x_T at t = 0 (the generator's z)")
