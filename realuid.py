@@ -546,9 +546,9 @@ class Diffusion(MatchingModel):
 
     def t_of_sigma(self, sigma):
         """The time at which s / a = sigma (a float or a tensor)."""
-        log = torch.log if torch.is_tensor(sigma) else math.log
         if self.param == "v":
             return 1 / (1 + sigma)
+        log = torch.log if torch.is_tensor(sigma) else math.log
         if self.type == "vp":  # lam = -2 log sigma
             return (-2 * log(sigma) - self.lam[0]) / (self.lam[1] - self.lam[0])
         return log(self.sigma[0] / sigma) / math.log(self.sigma[0] / self.sigma[1])
