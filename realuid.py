@@ -44,11 +44,11 @@ import torch.nn.functional as F
 
 from runtime import (DATA_FIELDS, DEGRADATIONS, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, RunFlags,
                      Stopped, Supervisor, UsageError, batches, check_batch_size, check_dependent, check_finite,
-                     check_world, checkpoints_in, config_dict, count_parameters, cycled, distill_parts, failed, finish,
-                     grid_writer, init_ranks, load_checkpoint, load_data, load_state, make_config, new_folder, opt,
-                     parser_from_dataclass, read_field_checkpoint, refusing, report_lowdim, report_paired, restore,
-                     resumed_run, rewind_metrics, sample_grid, save_checkpoint, save_json, set_precision,
-                     stale_temporaries, state_of, supervise, use_bf16)
+                     check_loss_flags, check_world, checkpoints_in, config_dict, count_parameters, cycled,
+                     distill_parts, failed, finish, grid_writer, init_ranks, load_checkpoint, load_data, load_state,
+                     make_config, new_folder, opt, parser_from_dataclass, read_field_checkpoint, refusing,
+                     report_lowdim, report_paired, restore, resumed_run, rewind_metrics, sample_grid, save_checkpoint,
+                     save_json, set_precision, stale_temporaries, state_of, supervise, use_bf16)
 
 # =============================================================================
 # Config: defaults are the paper's CIFAR-10 recipe (Appendix D)
@@ -125,21 +125,11 @@ RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", 
 
 
 def check_config(cfg):
-    """The flags' ranges (runtime.check_finite), then what the losses need of them."""
+    """The flags' ranges (runtime.check_finite), the coefficients, then the other loss flags (runtime)."""
     check_finite(cfg)
     with refusing():
         check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
-    if sum((cfg.gamma is not None, cfg.alpha_sid is not None, cfg.normalized, cfg.dmd)) > 1:
-        raise UsageError("--gamma (General RealUID), --alpha-sid (RealSiD), --normalized and --dmd are different "
-                         "losses; give one")
-    if cfg.dmd and (cfg.alpha != cfg.beta or not 0 < cfg.dmd_t_max < 1):
-        raise UsageError(f"--dmd needs alpha = beta (A.5: with alpha != beta the fake model is no mixture score and "
-                         f"the generator collapses) and 0 < --dmd-t-max < 1 (got alpha={cfg.alpha}, beta={cfg.beta})")
-    lo, hi = (tuple(cfg.gan_t_range) + (None, None))[:2]
-    if len(cfg.gan_t_range) != 2 or not 0 <= lo < hi <= 1 or cfg.lambda_gen < 0 or cfg.lambda_disc < 0:
-        raise UsageError("--gan-t-range takes two times 0 <= lo < hi <= 1, and the GAN weights must be >= 0")
-    if cfg.alpha_sid is not None and not 0 < cfg.alpha_sid <= 2:
-        raise UsageError(f"--alpha-sid must lie in (0, 2]; the paper uses 0.5 to 1.2 (got {cfg.alpha_sid})")
+    check_loss_flags(cfg)
 
 
 @dataclass

@@ -222,6 +222,21 @@ def undo_folder(top):
         shutil.rmtree(top, ignore_errors=True)
 
 
+def check_loss_flags(cfg):
+    """realuid.py's loss flags beyond alpha, beta and gamma (realuid.check_coefficients): one loss, in range."""
+    if sum((cfg.gamma is not None, cfg.alpha_sid is not None, cfg.normalized, cfg.dmd)) > 1:
+        raise UsageError("--gamma (General RealUID), --alpha-sid (RealSiD), --normalized and --dmd are different "
+                         "losses; give one")
+    if cfg.dmd and (cfg.alpha != cfg.beta or not 0 < cfg.dmd_t_max < 1):
+        raise UsageError(f"--dmd needs alpha = beta (A.5: with alpha != beta the fake model is no mixture score and "
+                         f"the generator collapses) and 0 < --dmd-t-max < 1 (got alpha={cfg.alpha}, beta={cfg.beta})")
+    lo, hi = (tuple(cfg.gan_t_range) + (None, None))[:2]
+    if len(cfg.gan_t_range) != 2 or not 0 <= lo < hi <= 1 or cfg.lambda_gen < 0 or cfg.lambda_disc < 0:
+        raise UsageError("--gan-t-range takes two times 0 <= lo < hi <= 1, and the GAN weights must be >= 0")
+    if cfg.alpha_sid is not None and not 0 < cfg.alpha_sid <= 2:
+        raise UsageError(f"--alpha-sid must lie in (0, 2]; the paper uses 0.5 to 1.2 (got {cfg.alpha_sid})")
+
+
 def check_dependent(user, dependent):
     """Refuse a flag given without the flag it belongs to ({flag: parent})."""
     for flag, parent in dependent.items():
