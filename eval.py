@@ -29,13 +29,14 @@ import time
 import numpy as np
 import torch
 
-from realuid import (TEACHER_RECIPES, Config, RealUID, TeacherConfig, UNet, build_field, generate, load_field,
-                     main as realuid_main, matching_model, read_field_checkpoint, realuid_generator_loss, realum_loss,
-                     sample_field, teacher_step, train_teacher)
-from runtime import (DATA_FIELDS, DEGRADATIONS, FID, PRECISIONS, VERSION, Data, HeldOut, Parser, UsageError,
-                     config_dict, count_parameters, cycled, fail, latest_checkpoint, load_checkpoint, load_data,
-                     load_reference_data, make_config, pair_grid, paired_scores, pyplot, refusing, resolve_device,
-                     save_checkpoint, save_grid, set_precision, to_data_units, to_uint8, use_bf16)
+from realuid import (Config, RealUID, UNet, build_field, generate, load_field, main as realuid_main, matching_model,
+                     read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field, teacher_step,
+                     train_teacher)
+from runtime import (DATA_FIELDS, DEGRADATIONS, FID, PRECISIONS, TEACHER_RECIPES, VERSION, Data, HeldOut, Parser,
+                     TeacherConfig, UsageError, config_dict, count_parameters, cycled, fail, latest_checkpoint,
+                     load_checkpoint, load_data, load_reference_data, make_config, pair_grid, paired_scores, pyplot,
+                     refusing, resolve_device, save_checkpoint, save_grid, set_precision, to_data_units, to_uint8,
+                     use_bf16)
 
 
 # =============================================================================

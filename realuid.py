@@ -19,10 +19,8 @@ Symbols and code:
     u_psi         the fake field ("fake")      G_theta OneStepGenerator (the teacher's denoiser)
     alpha, beta   RealUM coefficients (eq. 16) K       fake updates per generator update
 
-Measured on a 2-core CPU, no GPU (README has the details): in the default run W2 to held-out data of the
-teacher at 100 steps is 0.46 (the metric's floor 0.39), of the one-step generator 0.45 at its best checkpoint
-(0.448 +- 0.014 over three seeds against the teacher's 0.446), all 8 modes. Digits 16x16: teacher 9 min,
-distillation 9.5 min, clean one-step digits. Multi-GPU: torchrun --nproc_per_node=N realuid.py ...
+Measured results, per matching model and data set: README.md and docs/. Multi-GPU: torchrun
+--nproc_per_node=N realuid.py ...
 
 Sections, in the paper's reading order: config | networks | matching models (Def. 1) | losses | the one-step
 generator and Algorithm 1 | sampling | the teacher interface | main. From the networks to the loop the code
@@ -33,7 +31,6 @@ the non-finite guard, data, logs) is runtime.py; it reaches the method through t
 import copy
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -42,13 +39,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import (DATA_FIELDS, DEGRADATIONS, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, RunFlags,
-                     Stopped, Supervisor, UsageError, batches, check_batch_size, check_dependent, check_finite,
-                     check_loss_flags, check_world, checkpoints_in, config_dict, count_parameters, cycled,
-                     distill_parts, failed, finish, grid_writer, init_ranks, load_checkpoint, load_data, load_state,
-                     make_config, new_folder, opt, parser_from_dataclass, read_field_checkpoint, refusing,
-                     report_lowdim, report_paired, restore, resumed_run, rewind_metrics, sample_grid, save_checkpoint,
-                     save_json, set_precision, stale_temporaries, state_of, supervise, use_bf16)
+from runtime import (TEACHER_RECIPES, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, Stopped,
+                     Supervisor, TeacherConfig, UsageError, batches, check_batch_size, check_dependent, check_finite,
+                     check_loss_flags, check_teacher_data, check_world, checkpoints_in, config_dict, count_parameters,
+                     cycled, default_field_spec, distill_parts, failed, finish, grid_writer, init_ranks,
+                     load_checkpoint, load_state, make_config, new_folder, opt, parser_from_dataclass, place,
+                     read_field_checkpoint, refusing, report_lowdim, report_paired, resolve_config, restore,
+                     resumed_run, rewind_metrics, sample_grid, save_checkpoint, save_json, set_precision,
+                     stale_temporaries, state_of, stopped_by, supervise, use_bf16)
 
 # =============================================================================
 # Config: defaults are the paper's CIFAR-10 recipe (Appendix D)
@@ -130,46 +128,6 @@ def check_config(cfg):
     with refusing():
         check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
     check_loss_flags(cfg)
-
-
-@dataclass
-class TeacherConfig(RunFlags):
-    """teacher.py's flags (and those of a teacher trained on the spot). Defaults: torchcfm's CIFAR-10 recipe."""
-    dataset: str = opt("8gaussians", "8gaussians or modes-arc (built-in 2D), digits, cifar10, an image folder, "
-                                     "or PATH.npy; paired (si, bridge): pairs, digits-sr, digits-inpaint, PATH.npz, "
-                                     "or a folder with --target-dir")
-    cond: bool = opt(False, "class-conditional teacher")
-    model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
-                           "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
-    param: str = opt("", "diffusion: the network predicts the noise (eps), the score, EDM's preconditioned "
-                         "denoiser (edm), or flow matching's velocity on its clock (v); default: eps for vp, edm for ve",
-                         choices=("", "eps", "score", "edm", "v"))
-    sigma: float = opt(0.5, "si, bridge: the scale of the path's noise gamma_t")
-    source_noise: float = opt(0.1, "si, bridge: the noise added to the source x_T at t = 0 (the generator's z)")
-    lr: float = opt(2e-4, "Adam learning rate")
-    batch_size: int = opt(128, "batch size")
-    steps: int = opt(400_000, "updates")
-    warmup: int = opt(5000, "linear learning-rate warm-up, in updates")
-    ema: tuple = opt((0.9999,), "EMA decays of the weights")
-    grad_clip: float = opt(1.0, "gradient-norm clipping")
-    channels: int = opt(128, "UNet base channels (images)")
-    channel_mult: tuple = opt((), "UNet channel multipliers per level (default by resolution: 32 px and up "
-                                  "1 2 2 2, 16 px 1 2 2, 8 px 1 2)", type=int)
-    num_res_blocks: int = opt(2, "UNet residual blocks per level")
-    attention_resolutions: tuple = opt((16,), "feature-map sizes with self-attention", type=int)
-    num_heads: int = opt(4, "attention heads")
-    num_head_channels: int = opt(64, "channels per attention head (overrides --num-heads; -1: off)")
-    dropout: float = opt(0.1, "dropout of the UNet (images)")
-    hidden: int = opt(256, "MLP width (low-dimensional data)")
-    sample_steps: int = opt(100, "sampler steps of the closing sample grid (images; 0: no grid)")
-
-
-TEACHER_RECIPES = dict(
-    lowdim=dict(lr=1e-3, batch_size=512, steps=5000, warmup=100, ema=(0.999,)),
-    # a small UNet that learns recognisable digits in minutes on two CPU cores
-    digits=dict(lr=1e-3, batch_size=64, steps=2500, warmup=200, ema=(0.995,), channels=32, channel_mult=(1, 2),
-                num_res_blocks=1, attention_resolutions=(8,), num_head_channels=32, dropout=0.0),
-    image={})
 
 
 # =============================================================================
@@ -1080,23 +1038,6 @@ def matching_spec(cfg):
     return dict(type="fm")
 
 
-def default_channel_mult(resolution):
-    return {8: (1, 2), 16: (1, 2, 2)}.get(resolution, (1, 2, 2, 2))
-
-
-def default_field_spec(data, cfg):
-    """The network a teacher of this data gets: the MLP for low-dim data, the UNet for images."""
-    if data.kind == "lowdim":
-        return dict(type="mlp", dim=data.shape()[0], hidden=cfg.hidden, num_classes=data.num_classes,
-                    cond_dim=data.shape()[0] if data.coupled else None)
-    c, res = data.shape()[0], data.shape()[1]
-    return dict(type="unet", in_channels=c, image_size=res, channels=cfg.channels,
-                channel_mult=list(cfg.channel_mult or default_channel_mult(res)),
-                num_res_blocks=cfg.num_res_blocks, attention_resolutions=list(cfg.attention_resolutions),
-                num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels, dropout=cfg.dropout,
-                num_classes=data.num_classes) | (dict(cond_channels=c) if data.coupled else {})
-
-
 def teacher_step(net, optimiser, sched, ema, m, x1, y, grad_clip, bf16=False, draw=draw_all, apply=clip_and_step,
                  update=0):
     """One UM update (Def. 1, eq. 3): || u(t, x_t[, y]) - u_t(x_t | x1) ||^2, weighted as m asks; returns the
@@ -1197,13 +1138,7 @@ def prepare_teacher(cfg, data, out, device, ranks=None):
     res = data.shape()[-1] if data.kind == "image" else None
     net, ckpt = load_field(path, "teacher", cfg.teacher_ema, image_size=res, num_heads=cfg.num_heads,
                            num_head_channels=cfg.num_head_channels)
-    have = ckpt.get("data") or {}
-    if have.get("shape") != data.shape():
-        raise UsageError(f"teacher {path} was trained on data of shape {have.get('shape')}, "
-                         f"but this data has shape {data.shape()}")
-    if (have.get("num_classes") is None) != (data.num_classes is None):
-        raise UsageError(f"teacher {path} is {'un' if have.get('num_classes') is None else ''}conditional; "
-                         f"{'drop' if data.num_classes is None else 'add'} --cond or use another teacher")
+    check_teacher_data(path, ckpt, data)
     return net.to(device), ckpt
 
 
@@ -1244,10 +1179,7 @@ def main(argv=None):
         resume = None
         if user.get("resume"):
             resume, user = resumed_run(user, RESUMABLE, "generator", "realuid.py", init_generator="")
-        cfg = make_config(Config, {k: v for k, v in user.items() if k in DATA_FIELDS})
-        check_finite(cfg)  # the data fields, before they size anything
-        data = load_data(cfg)
-        cfg = make_config(Config, user, RECIPES[data.recipe], FINETUNE_RECIPE if user.get("init_generator") else {})
+        cfg, data = resolve_config(Config, user, RECIPES, FINETUNE_RECIPE if user.get("init_generator") else {})
         check_config(cfg)
         check_batch_size(cfg.batch_size, data)
         ranks, device = init_ranks(cfg.device)
@@ -1267,11 +1199,7 @@ def main(argv=None):
         fake = build_field(spec)
         if cfg.fake_init == "teacher" or cfg.init_generator:
             fake.load_state_dict(teacher.state_dict())
-        nets = [net.to(device) for net in (teacher, fake, g)]
-        for net in nets if cfg.channels_last and spec["type"] == "unet" else ():
-            net.to(memory_format=torch.channels_last)
-        for net in nets if cfg.compile else ():
-            net.compile()  # in place: state-dict keys stay as they are
+        place([teacher, fake, g], device, cfg.channels_last and spec["type"] == "unet", cfg.compile)
         guard = Guard(ranks, ["fake model" + (" or discriminator" if cfg.gan else ""), "generator"], device)
         with refusing():  # the method's own checks (the GAN head's feature size)
             state = RealUID(cfg, teacher, fake, g, matching, spec, use_bf16(cfg.precision, device, spec),
@@ -1302,24 +1230,15 @@ def main(argv=None):
         undo = created if isinstance(e, UsageError) else None  # a failed run keeps its logs
         return failed("realuid.py", e, undo, (checkpoints_in(out) or [None])[-1])
     if stopped:
-        say(f"stopped by signal {signal.Signals(stopped).name} at update {state.step}: checkpoint saved; "
-            f"continue with --resume {out}")
-        return 128 + stopped  # the shell's convention for a run ended by a signal
+        return stopped_by(stopped, state.step, "checkpoint saved", out, say)
     say(f"distillation took {time.time() - t0:.0f} s; checkpoints in {out}")
     if scorer and ranks.main:
         print(f"model selection: {scorer.summary()}")
     if data.kind == "lowdim" and ranks.main:
         report_lowdim(state, data, out, device, generate, cfg.seed)
     elif data.coupled and ranks.main:
-        nets = {"teacher, 1 step": (state.teacher, 1), "teacher, 100 steps": (state.teacher, 100),
-                "RealUID generator, 1 step": (state.generator.g, None),
-                **{f"RealUID EMA {d}, 1 step": (net, None) for d, net in state.ema.items()}}
-        for name in sorted(os.listdir(out) if scorer else []):  # model selection's picks
-            if name.startswith("best-") and name.endswith(".pt"):
-                nets[f"{name} (update {load_checkpoint(os.path.join(out, name))['step']})"] = (
-                    load_field(os.path.join(out, name), "generator")[0], None)
-        report_paired(nets, data, cfg.dataset if cfg.dataset in DEGRADATIONS else None, out, device, generate,
-                      state.matching, scorer and scorer.fid, cfg.seed, cfg.eval_samples)
+        report_paired(state, data, cfg.dataset, out, device, generate, load_field, scorer and scorer.fid, cfg.seed,
+                      cfg.eval_samples, picks=scorer is not None)
     return 0
 
 

@@ -1,6 +1,7 @@
 """What keeps a days-long run alive but is not the method: realuid.py, teacher.py and eval.py use it.
 
-Errors and flag validation, devices and precision, torchrun ranks, the non-finite guard, checkpoints (atomic
+Errors, flags and their validation (teacher.py's flags and recipes too, and the network a kind of data gets),
+devices and precision, torchrun ranks, the non-finite guard, checkpoints (atomic
 saves, weights-only reads, safetensors), the supervisor of a training loop (progress bar, metrics log, saves,
 signals), data loading, sample grids, and the scores that model selection needs during a run (W2, the Frechet
 distance, feature networks, the closing table). It imports nothing of this project: the method lives in
@@ -78,7 +79,7 @@ def parser_from_dataclass(cls, description, prog):
 @dataclass
 class RunFlags:
     """The flags of a training run that are not the method's: the data's place, the output, the device, the seed,
-    logging, saving and resuming. realuid.Config and realuid.TeacherConfig extend it."""
+    logging, saving and resuming. realuid.Config (through DistillFlags) and TeacherConfig extend it."""
     resolution: int = opt(0, "image side: image folders (default: their images' own size) and digits (16 or 32, default 16)")
     data_root: str = opt("data", "where cifar10 is found or downloaded")
     target_dir: str = opt("", "paired image folders: the targets' folder, --dataset the sources' (paired by file name)")
@@ -117,6 +118,46 @@ class DistillFlags(RunFlags):
                                          "(a teacher.pt; not comparable to published FIDs)")
 
 
+@dataclass
+class TeacherConfig(RunFlags):
+    """teacher.py's flags (and those of a teacher trained on the spot). Defaults: torchcfm's CIFAR-10 recipe."""
+    dataset: str = opt("8gaussians", "8gaussians or modes-arc (built-in 2D), digits, cifar10, an image folder, "
+                                     "or PATH.npy; paired (si, bridge): pairs, digits-sr, digits-inpaint, PATH.npz, "
+                                     "or a folder with --target-dir")
+    cond: bool = opt(False, "class-conditional teacher")
+    model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
+                           "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
+    param: str = opt("", "diffusion: the network predicts the noise (eps), the score, EDM's preconditioned "
+                         "denoiser (edm), or flow matching's velocity on its clock (v); default: eps for vp, edm for ve",
+                         choices=("", "eps", "score", "edm", "v"))
+    sigma: float = opt(0.5, "si, bridge: the scale of the path's noise gamma_t")
+    source_noise: float = opt(0.1, "si, bridge: the noise added to the source x_T at t = 0 (the generator's z)")
+    lr: float = opt(2e-4, "Adam learning rate")
+    batch_size: int = opt(128, "batch size")
+    steps: int = opt(400_000, "updates")
+    warmup: int = opt(5000, "linear learning-rate warm-up, in updates")
+    ema: tuple = opt((0.9999,), "EMA decays of the weights")
+    grad_clip: float = opt(1.0, "gradient-norm clipping")
+    channels: int = opt(128, "UNet base channels (images)")
+    channel_mult: tuple = opt((), "UNet channel multipliers per level (default by resolution: 32 px and up "
+                                  "1 2 2 2, 16 px 1 2 2, 8 px 1 2)", type=int)
+    num_res_blocks: int = opt(2, "UNet residual blocks per level")
+    attention_resolutions: tuple = opt((16,), "feature-map sizes with self-attention", type=int)
+    num_heads: int = opt(4, "attention heads")
+    num_head_channels: int = opt(64, "channels per attention head (overrides --num-heads; -1: off)")
+    dropout: float = opt(0.1, "dropout of the UNet (images)")
+    hidden: int = opt(256, "MLP width (low-dimensional data)")
+    sample_steps: int = opt(100, "sampler steps of the closing sample grid (images; 0: no grid)")
+
+
+TEACHER_RECIPES = dict(
+    lowdim=dict(lr=1e-3, batch_size=512, steps=5000, warmup=100, ema=(0.999,)),
+    # a small UNet that learns recognisable digits in minutes on two CPU cores
+    digits=dict(lr=1e-3, batch_size=64, steps=2500, warmup=200, ema=(0.995,), channels=32, channel_mult=(1, 2),
+                num_res_blocks=1, attention_resolutions=(8,), num_head_channels=32, dropout=0.0),
+    image={})
+
+
 DATA_FIELDS = ("dataset", "cond", "seed", "eval_samples", "resolution", "data_root", "target_dir")  # load_data's
 
 
@@ -130,6 +171,17 @@ def make_config(cls, user, *recipes):
         if isinstance(f.default, tuple) and f.name in values:
             values[f.name] = tuple(values[f.name])
     return cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+def resolve_config(cls, user, recipes, *more):
+    """(cfg, data): the data fields are checked and the data loaded first, since the data pick the recipe; then
+    cfg = the defaults < recipes[the data's kind] < more < the user's flags, its ranges checked."""
+    cfg = make_config(cls, {k: v for k, v in user.items() if k in DATA_FIELDS})
+    check_finite(cfg)  # the data fields, before they size anything
+    data = load_data(cfg)
+    cfg = make_config(cls, user, recipes[data.recipe], *more)
+    check_finite(cfg)
+    return cfg, data
 
 
 def config_dict(cfg):
@@ -285,6 +337,16 @@ def resolve_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name} asked for, but this PyTorch sees no CUDA device")
     return device
+
+
+def place(nets, device, channels_last=False, compile=False):
+    """Each net onto the device, in place: in the NHWC layout and compiled when asked (state-dict keys stay)."""
+    for net in nets:
+        net.to(device)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        if compile:
+            net.compile()
 
 
 def use_bf16(precision, device, spec=None):
@@ -636,6 +698,23 @@ def set_rng_state(rng, device):
         torch.cuda.set_rng_state(cuda, device)
 
 
+def default_channel_mult(resolution):
+    return {8: (1, 2), 16: (1, 2, 2)}.get(resolution, (1, 2, 2, 2))
+
+
+def default_field_spec(data, cfg):
+    """The network a teacher of this data gets: the MLP for low-dim data, the UNet for images."""
+    if data.kind == "lowdim":
+        return dict(type="mlp", dim=data.shape()[0], hidden=cfg.hidden, num_classes=data.num_classes,
+                    cond_dim=data.shape()[0] if data.coupled else None)
+    c, res = data.shape()[0], data.shape()[1]
+    return dict(type="unet", in_channels=c, image_size=res, channels=cfg.channels,
+                channel_mult=list(cfg.channel_mult or default_channel_mult(res)),
+                num_res_blocks=cfg.num_res_blocks, attention_resolutions=list(cfg.attention_resolutions),
+                num_heads=cfg.num_heads, num_head_channels=cfg.num_head_channels, dropout=cfg.dropout,
+                num_classes=data.num_classes) | (dict(cond_channels=c) if data.coupled else {})
+
+
 def infer_unet_spec(sd, image_size, num_heads=4, num_head_channels=64):
     """The UNet configuration of a torchcfm-style state dict (heads cannot be read off the weights)."""
     channels = sd["time_embed.0.weight"].shape[1]
@@ -686,6 +765,17 @@ def read_field_checkpoint(path, what="teacher", ema=None, image_size=None, num_h
         return spec, sd, dict(field=spec, data=dict(kind="image", num_classes=spec["num_classes"],
                                                      shape=[spec["in_channels"], image_size, image_size]))
     raise UsageError(f"{what} {path} is neither a realuid, a torchcfm nor an official RealUID checkpoint")
+
+
+def check_teacher_data(path, ckpt, data):
+    """A teacher file's data against this run's: the same shape, and conditional exactly when the data are."""
+    have = ckpt.get("data") or {}
+    if have.get("shape") != data.shape():
+        raise UsageError(f"teacher {path} was trained on data of shape {have.get('shape')}, "
+                         f"but this data has shape {data.shape()}")
+    if (have.get("num_classes") is None) != (data.num_classes is None):
+        raise UsageError(f"teacher {path} is {'un' if have.get('num_classes') is None else ''}conditional; "
+                         f"{'drop' if data.num_classes is None else 'add'} --cond or use another teacher")
 
 
 def state_of(device, step, **parts):
@@ -888,6 +978,13 @@ def supervise(loop, state, batches, out=None, meta=None, sample_fn=None, score_f
                     lr=lambda: state.sched_gen.get_last_lr()[0], desc="RealUID") as sup:
         loop(state, sup.watch(batches), sup.after)
     return sup.stopped
+
+
+def stopped_by(signum, step, saved, out, say=print):
+    """The closing line of a run a signal stopped (after its save), and its exit code: 128 + the signal, the
+    shell's convention."""
+    say(f"stopped by signal {signal.Signals(signum).name} at update {step}: {saved}; continue with --resume {out}")
+    return 128 + signum
 
 
 def catch_signals(handler):
@@ -1512,10 +1609,18 @@ def paired_scores(x, data, task, fid=None):
     return row
 
 
-def report_paired(nets, data, task, out, device, generate, matching, fid=None, seed=0, n=None):
-    """The closing table of a paired image run: each net in `nets` ({name: (network, sampler steps or None)})
-    restores the first n held-out sources (all by default); its PSNR, consistency and FID, a results.json and a
-    grid of the first 16."""
+def report_paired(state, data, task, out, device, generate, load_field, fid=None, seed=0, n=None, picks=False):
+    """The closing table of a paired image run: the teacher at 1 and 100 steps, the generator, each EMA and, with
+    picks, model selection's best-<net>.pt files restore the first n held-out sources (all by default); their
+    PSNR, consistency and FID, a results.json and a grid of the first 16."""
+    nets = {"teacher, 1 step": (state.teacher, 1), "teacher, 100 steps": (state.teacher, 100),
+            "RealUID generator, 1 step": (state.generator.g, None),
+            **{f"RealUID EMA {d}, 1 step": (net, None) for d, net in state.ema.items()}}
+    for name in sorted(os.listdir(out) if picks else []):
+        if name.startswith("best-") and name.endswith(".pt"):
+            nets[f"{name} (update {load_checkpoint(os.path.join(out, name))['step']})"] = (
+                load_field(os.path.join(out, name), "generator")[0], None)
+    matching, task = state.matching, task if task in DEGRADATIONS else None
     data = dataclasses.replace(data, x_test=data.x_test[:n], src_test=data.src_test[:n])
     outputs, results = {}, {}
     for name, (net, steps) in nets.items():

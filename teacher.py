@@ -9,20 +9,19 @@ The loss is the matching model's UM loss (Def. 1, eq. 3): || u(t, x_t[, x_T]) - 
 flow matching (CFM, eq. 2) || u(t, x_t) - (x1 - x0) ||^2 with x_t = (1 - t) x0 + t x1, t = 0 noise, t = 1
 data (torchcfm convention). Adam, linear warm-up, gradient clipping and an EMA of the weights: torchcfm's
 CIFAR-10 recipe by default (lr 2e-4, batch 128, 400k updates, warm-up 5000, EMA 0.9999, dropout 0.1). The
-loop and the config live in realuid.py's teacher interface (train_teacher, TeacherConfig, TEACHER_RECIPES),
-which realuid.py also uses for a teacher trained on the spot; this file is the command line. The checkpoint
-(format in README) loads into realuid.py with --teacher.
+loop lives in realuid.py's teacher interface (train_teacher), which realuid.py also uses for a teacher trained
+on the spot, the flags and recipes in runtime.py (TeacherConfig, TEACHER_RECIPES); this file is the command
+line. The checkpoint (format in README) loads into realuid.py with --teacher.
 """
 
 import os
-import signal
 import sys
 import time
 
-from realuid import TEACHER_RECIPES, TeacherConfig, build_field, default_field_spec, train_teacher
-from runtime import (DATA_FIELDS, Diverged, Stopped, UsageError, check_batch_size, check_finite, check_world,
-                     count_parameters, failed, finish, init_ranks, load_data, make_config, new_folder,
-                     parser_from_dataclass, resumed_run, set_precision)
+from realuid import build_field, train_teacher
+from runtime import (TEACHER_RECIPES, Diverged, Stopped, TeacherConfig, UsageError, check_batch_size, check_world,
+                     count_parameters, default_field_spec, failed, finish, init_ranks, new_folder,
+                     parser_from_dataclass, resolve_config, resumed_run, set_precision, stopped_by)
 
 
 RESUMABLE = ("steps", "out", "device", "precision", "workers", "log_every", "save_every", "skip_nonfinite",
@@ -37,11 +36,7 @@ def main(argv=None):
     try:
         if user.get("resume"):
             resume, user = resumed_run(user, RESUMABLE, "teacher-state", "teacher.py", "teacher-state.pt")
-        cfg = make_config(TeacherConfig, {k: v for k, v in user.items() if k in DATA_FIELDS})
-        check_finite(cfg)  # the data fields, before they size anything
-        data = load_data(cfg)
-        cfg = make_config(TeacherConfig, user, TEACHER_RECIPES[data.recipe])
-        check_finite(cfg)
+        cfg, data = resolve_config(TeacherConfig, user, TEACHER_RECIPES)
         if resume is not None and resume["step"] > cfg.steps:
             raise UsageError(f"the saved teacher has made {resume['step']} updates already; --steps {cfg.steps} "
                              f"would go back")
@@ -64,10 +59,7 @@ def main(argv=None):
     try:
         train_teacher(cfg, data, device, path, ranks, os.path.join(out, "teacher-state.pt"), resume)
     except Stopped as e:
-        signum, step = e.args
-        say(f"stopped by signal {signal.Signals(signum).name} at update {step}: state saved in "
-            f"{os.path.join(out, 'teacher-state.pt')}; continue with --resume {out}")
-        return 128 + signum
+        return stopped_by(*e.args, f"state saved in {os.path.join(out, 'teacher-state.pt')}", out, say)
     except (UsageError, Diverged, OSError) as e:
         state = os.path.join(out, "teacher-state.pt")
         return failed("teacher.py", e, created, state if os.path.isfile(state) else None)

@@ -112,8 +112,8 @@ def test_the_conditioned_unet_reads_its_source_as_extra_input_channels():
     with pytest.raises(ValueError):
         R.UNet(**kw, cond_channels=1, num_classes=10)
     data = RT.load_data(make_data_cfg("digits-sr"))
-    assert R.default_field_spec(data, R.TeacherConfig())["cond_channels"] == 1
-    assert "cond_channels" not in R.default_field_spec(RT.load_data(make_data_cfg("digits")), R.TeacherConfig())
+    assert RT.default_field_spec(data, RT.TeacherConfig())["cond_channels"] == 1
+    assert "cond_channels" not in RT.default_field_spec(RT.load_data(make_data_cfg("digits")), RT.TeacherConfig())
 
 
 def make_data_cfg(dataset, **kw):
