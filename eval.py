@@ -12,6 +12,7 @@
     python eval.py bench --ladder                     # ms per update: the straightforward loop against ours
     python eval.py reproduce --quick                  # the paper's claims at laptop scale, in minutes
     python eval.py families --uid --seeds 3           # every matching model on 2D: teacher against one step
+    python eval.py kernel runs/families/modes-arc/*/teacher.pt   # how each one-step generator couples the modes
 
 The commands live here; the scores they share with a training run's model selection (exact W2, the energy
 distance, mode coverage, FID's features and Frechet distance, the closing table) live in runtime.py.
@@ -32,11 +33,11 @@ import torch
 from realuid import (Config, RealUID, UNet, build_field, generate, load_field, main as realuid_main, matching_model,
                      read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field, teacher_step,
                      train_teacher)
-from runtime import (DATA_FIELDS, DEGRADATIONS, FID, PRECISIONS, TEACHER_RECIPES, VERSION, Data, HeldOut, Parser,
-                     TeacherConfig, UsageError, config_dict, count_parameters, cycled, fail, latest_checkpoint,
-                     load_checkpoint, load_data, load_reference_data, make_config, pair_grid, paired_scores, pyplot,
-                     refusing, resolve_device, save_checkpoint, save_grid, set_precision, to_data_units, to_uint8,
-                     use_bf16)
+from runtime import (DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION, Data, HeldOut,
+                     Parser, TeacherConfig, UsageError, config_dict, count_parameters, cycled, fail,
+                     latest_checkpoint, load_checkpoint, load_data, load_reference_data, make_config, pair_grid,
+                     paired_scores, pyplot, refusing, resolve_device, save_checkpoint, save_grid, set_precision,
+                     to_data_units, to_uint8, use_bf16)
 
 
 # =============================================================================
@@ -689,6 +690,49 @@ def cmd_families(args):
     return rows
 
 
+def tangent_kernel(net, matching, z):
+    """The one-step generator's tangent kernel at the points z, as cosines (n x n): K_ij = <dG(z_i)/dtheta,
+    D dG(z_j)/dtheta>, plain (D = 1) and under Adam's per-parameter scaling (D = 1 / the RMS over z of each
+    parameter's Jacobian: Adam's step with beta1 = 0 for gradients in random directions). A cosine near 1
+    between z's that land in different modes means that a step for one mode moves the other alike."""
+    from torch.func import functional_call, jacrev, vmap
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def G(p, zi):
+        return matching.one_step(lambda t, x, y=None: functional_call(net, p, (t, x)), zi[None])[0]
+    J = torch.cat([j.flatten(2) for j in vmap(jacrev(G), in_dims=(None, 0))(params, z).values()], 2)
+    cosines = []
+    for D in (torch.ones(J.shape[2]), J.pow(2).sum(1).mean(0).sqrt().clamp_min(1e-12).reciprocal()):
+        K = torch.einsum("iap,jap->ij", J, J * D)
+        cosines.append(K / torch.outer(K.diag(), K.diag()).sqrt())
+    return cosines
+
+
+def cmd_kernel(args):
+    """For 2D teachers of a built-in mixture: the mean tangent-kernel cosine of their one-step generator (at
+    --sigma-init) between z's landing in the same mode, in different modes, and in the lightest two against
+    the rest."""
+    z = torch.randn(args.n, 2, generator=torch.Generator().manual_seed(args.seed))
+    print(f"{'teacher':<48} {'kernel':>6} {'same mode':>10} {'other modes':>12} {'light vs rest':>14}")
+    for path in args.teachers:
+        net, ckpt = load_field(path, "teacher")
+        name = (ckpt.get("data") or {}).get("name")
+        if name not in MIXTURES or len(ckpt["data"]["shape"]) != 1:
+            raise UsageError(f"{path} is not a teacher of a built-in 2D mixture ({', '.join(MIXTURES)})")
+        with refusing():
+            matching = matching_model(dict(ckpt.get("matching") or dict(type="fm"), sigma_init=args.sigma_init))
+        law = MIXTURES[name]
+        with torch.no_grad():
+            x = torch.as_tensor(to_data_units(matching.one_step(net, z), ckpt["data"]), dtype=torch.float32)
+        mode = torch.cdist(x, torch.as_tensor(law.centres, dtype=torch.float32)).argmin(1)
+        light = torch.as_tensor(np.argsort(law.weights[:len(law.centres)])[:2])
+        same, other = mode[:, None] == mode[None, :], torch.eye(len(z), dtype=torch.bool).logical_not()
+        apart = torch.isin(mode, light)[:, None] & ~torch.isin(mode, light)[None, :]
+        for kind, c in zip(("plain", "adam"), tangent_kernel(net, matching, z)):
+            print(f"{path[-48:]:<48} {kind:>6} {c[same & other].mean():10.3f} {c[~same].mean():12.3f} "
+                  f"{c[apart].mean():14.3f}")
+
+
 def plot_families(pictures, path, dataset):
     """A row per family: its teacher at 100 steps beside its best one-step net, with the real points."""
     plt = pyplot()
@@ -1001,6 +1045,12 @@ def main(argv=None):
     fam.add_argument("--teacher-steps", type=int, default=TEACHER_RECIPES["lowdim"]["steps"],
                      help="updates of each teacher")
     fam.add_argument("--out", default="runs/families", help="where every run, picture and table goes")
+    k = sub.add_parser("kernel", help="2D teachers: how their one-step generator's tangent kernel couples the "
+                                      "modes (why some families' generators pull modes together)")
+    k.add_argument("teachers", nargs="+", help="teacher files of 8gaussians or modes-arc")
+    k.add_argument("--sigma-init", type=float, default=5.0, help="the noise level the generator is read at")
+    k.add_argument("--n", type=int, default=400, help="points z (the kernel is n x n)")
+    k.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("reproduce", help="the paper's claims at laptop scale: 1D closed forms, Table 1's grid, "
                                          "Figure 2's convergence, teacher correction (about 30 minutes; --quick)")
     r.add_argument("--quick", action="store_true", help="one seed, short runs: a few minutes")
@@ -1009,7 +1059,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         {"sample": cmd_sample, "export": cmd_export, "fid": cmd_fid, "efficiency": cmd_efficiency,
-         "bench": cmd_bench, "reproduce": cmd_reproduce, "families": cmd_families}[args.command](args)
+         "bench": cmd_bench, "reproduce": cmd_reproduce, "families": cmd_families,
+         "kernel": cmd_kernel}[args.command](args)
     except UsageError as e:
         return fail("eval.py", e)
     return 0

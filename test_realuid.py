@@ -1742,6 +1742,35 @@ def test_every_family_runs_from_the_command_line(model, tiny_families):
     assert ("paired" in results["teacher, 1 step"]) == (model in ("si", "bridge"))
 
 
+class LinearField(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+
+    def forward(self, t, x, y=None):
+        return self.lin(x)
+
+
+def test_tangent_kernel_matches_its_closed_form_for_a_linear_field():
+    # flow matching read at t_g: G(z) = c z + c (W c z + b) with c = 1 - t_g, so dG_a/dW_ab = c^2 z_b, dG_a/db_a = c
+    torch.manual_seed(0)
+    net, m, z = LinearField(), R.FlowMatching(sigma_init=3.0), torch.randn(7, 2)
+    c, rms = 1 - m.t_g, z.pow(2).mean(0).sqrt()
+    plain, adam = eval_py.tangent_kernel(net, m, z)
+    for got, K in ((plain, 2 * c ** 4 * z @ z.T + 2 * c ** 2), (adam, 2 * c ** 2 * (z / rms) @ z.T + 2 * c)):
+        torch.testing.assert_close(got, K / torch.outer(K.diag(), K.diag()).sqrt(), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_command_reads_2d_teachers_and_refuses_others(tiny_families, tmp_path):
+    ok = subprocess.run([sys.executable, "eval.py", "kernel", str(tiny_families["vp"] / "teacher.pt"), "--n", "30"],
+                        cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    rows = [line.split() for line in ok.stdout.splitlines()[1:]]
+    assert ok.returncode == 0 and [r[1] for r in rows] == ["plain", "adam"], ok.stderr[-2000:]
+    assert all(-1 <= float(v) <= 1 for r in rows for v in r[2:])
+    line = refused_as_a_script(tmp_path, "eval.py", "kernel", str(tiny_families["bridge"] / "teacher.pt"))
+    assert "built-in 2D mixture" in line
+
+
 @pytest.mark.parametrize("flags", VARIANTS)
 def test_every_variant_runs_on_diffusion_digits_and_bridge_pairs(flags, tmp_path, tiny_families, capsys):
     assert teacher_py.main(["--model", "vp", "--param", "score", "--dataset", "digits", "--steps", "2",
