@@ -37,7 +37,7 @@ from runtime import (DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACH
                      Parser, TeacherConfig, UsageError, config_dict, count_parameters, cycled, fail,
                      latest_checkpoint, load_checkpoint, load_data, load_reference_data, make_config, pair_grid,
                      paired_scores, pyplot, refusing, resolve_device, save_checkpoint, save_grid, set_precision,
-                     to_data_units, to_uint8, use_bf16)
+                     teacher_recipes, to_data_units, to_uint8, use_bf16)
 
 
 # =============================================================================
@@ -655,8 +655,9 @@ def cmd_families(args):
         pictures = {}
         for family in args.families:
             model, param = FAMILIES[family]
+            recipe = teacher_recipes(model, param)["lowdim"]
             tcfg = make_config(TeacherConfig, dict(dataset=dataset, model=model, param=param,
-                                                   steps=args.teacher_steps), TEACHER_RECIPES["lowdim"])
+                                                   steps=args.teacher_steps or recipe["steps"]), recipe)
             teacher = train_teacher_once(tcfg, data, os.path.join(out, dataset, family, "teacher.pt"))
             for method, flags in methods.items():
                 for seed in range(args.seeds):
@@ -1042,8 +1043,8 @@ def main(argv=None):
     fam.add_argument("--uid", action="store_true", help="also UID (alpha = beta = 1)")
     fam.add_argument("--flags", default="", help="more realuid.py flags for every distillation, e.g. "
                                                  "--flags='--steps 1500 --lr 1e-4'")
-    fam.add_argument("--teacher-steps", type=int, default=TEACHER_RECIPES["lowdim"]["steps"],
-                     help="updates of each teacher")
+    fam.add_argument("--teacher-steps", type=int, default=None,
+                     help="updates of each teacher (default: its family's recipe, 5000; VP (eps, score) 15000)")
     fam.add_argument("--out", default="runs/families", help="where every run, picture and table goes")
     k = sub.add_parser("kernel", help="2D teachers: how their one-step generator's tangent kernel couples the "
                                       "modes (why some families' generators pull modes together)")

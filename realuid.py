@@ -39,14 +39,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import (TEACHER_RECIPES, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, Stopped,
+from runtime import (DEFAULT_PARAM, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, Stopped,
                      Supervisor, TeacherConfig, UsageError, batches, check_batch_size, check_dependent, check_finite,
                      check_loss_flags, check_teacher_data, check_world, checkpoints_in, config_dict, count_parameters,
                      cycled, default_field_spec, distill_parts, failed, finish, grid_writer, init_ranks,
                      load_checkpoint, load_state, make_config, new_folder, opt, parser_from_dataclass, place,
                      read_field_checkpoint, refusing, report_lowdim, report_paired, resolve_config, restore,
                      resumed_run, rewind_metrics, sample_grid, save_checkpoint, save_json, set_precision,
-                     stale_temporaries, state_of, stopped_by, supervise, use_bf16)
+                     stale_temporaries, state_of, stopped_by, supervise, teacher_recipes, use_bf16)
 
 # =============================================================================
 # Config: defaults are the paper's CIFAR-10 recipe (Appendix D)
@@ -100,7 +100,8 @@ class Config(DistillFlags):
     init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
     init_ema: float = opt(None, "EMA decay to take from --init-generator (default: its raw generator)", type=float)
     hidden: int = opt(256, "MLP width (low-dimensional data)")
-    teacher_steps: int = opt(5000, "updates of the on-the-spot teacher (low-dim data, no --teacher)")
+    teacher_steps: int = opt(None, "updates of the on-the-spot teacher (low-dim data, no --teacher); default: its "
+                                   "family's recipe, 5000 (VP with eps or score: 15000)", type=int)
 
 
 # The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a
@@ -1032,7 +1033,7 @@ def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, ba
 
 def matching_spec(cfg):
     if cfg.model in ("vp", "ve"):
-        return dict(type=cfg.model, param=cfg.param or ("edm" if cfg.model == "ve" else "eps"))
+        return dict(type=cfg.model, param=cfg.param or DEFAULT_PARAM[cfg.model])
     if cfg.model in ("si", "bridge"):
         return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise)
     return dict(type="fm")
@@ -1126,8 +1127,9 @@ def prepare_teacher(cfg, data, out, device, ranks=None):
         have = load_checkpoint(path) if os.path.isfile(path) else {}
         cached = have.get("data") == data.info(cfg.dataset) and (have.get("matching") or {}).get("type", "fm") == model
         if not cached and ranks.main:  # the other ranks wait for rank 0's file
-            recipe = TEACHER_RECIPES[data.recipe]  # its batch capped at the data's size: small .npy files train too
-            tcfg = make_config(TeacherConfig, dict(recipe, dataset=cfg.dataset, cond=cfg.cond, steps=cfg.teacher_steps,
+            recipe = teacher_recipes(model)[data.recipe]  # batch capped at the data's size: small .npy files train
+            tcfg = make_config(TeacherConfig, dict(recipe, dataset=cfg.dataset, cond=cfg.cond,
+                                                   steps=cfg.teacher_steps or recipe["steps"],
                                                    hidden=cfg.hidden, seed=cfg.seed, eval_samples=cfg.eval_samples,
                                                    model=model, batch_size=min(recipe["batch_size"], len(data))))
             print(f"no --teacher: training one on the spot ({tcfg.steps} updates), cached as {path}")

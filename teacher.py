@@ -10,8 +10,8 @@ flow matching (CFM, eq. 2) || u(t, x_t) - (x1 - x0) ||^2 with x_t = (1 - t) x0 +
 data (torchcfm convention). Adam, linear warm-up, gradient clipping and an EMA of the weights: torchcfm's
 CIFAR-10 recipe by default (lr 2e-4, batch 128, 400k updates, warm-up 5000, EMA 0.9999, dropout 0.1). The
 loop lives in realuid.py's teacher interface (train_teacher), which realuid.py also uses for a teacher trained
-on the spot, the flags and recipes in runtime.py (TeacherConfig, TEACHER_RECIPES); this file is the command
-line. The checkpoint (format in README) loads into realuid.py with --teacher.
+on the spot, the flags and recipes in runtime.py (TeacherConfig, teacher_recipes: per kind of data and family);
+this file is the command line. The checkpoint (format in README) loads into realuid.py with --teacher.
 """
 
 import os
@@ -19,9 +19,9 @@ import sys
 import time
 
 from realuid import build_field, train_teacher
-from runtime import (TEACHER_RECIPES, Diverged, Stopped, TeacherConfig, UsageError, check_batch_size, check_world,
-                     count_parameters, default_field_spec, failed, finish, init_ranks, new_folder,
-                     parser_from_dataclass, resolve_config, resumed_run, set_precision, stopped_by)
+from runtime import (Diverged, Stopped, TeacherConfig, UsageError, check_batch_size, check_world, count_parameters,
+                     default_field_spec, failed, finish, init_ranks, new_folder, parser_from_dataclass, resolve_config,
+                     resumed_run, set_precision, stopped_by, teacher_recipes)
 
 
 RESUMABLE = ("steps", "out", "device", "precision", "workers", "log_every", "save_every", "skip_nonfinite",
@@ -36,7 +36,7 @@ def main(argv=None):
     try:
         if user.get("resume"):
             resume, user = resumed_run(user, RESUMABLE, "teacher-state", "teacher.py", "teacher-state.pt")
-        cfg, data = resolve_config(TeacherConfig, user, TEACHER_RECIPES)
+        cfg, data = resolve_config(TeacherConfig, user, teacher_recipes(user.get("model"), user.get("param")))
         if resume is not None and resume["step"] > cfg.steps:
             raise UsageError(f"the saved teacher has made {resume['step']} updates already; --steps {cfg.steps} "
                              f"would go back")

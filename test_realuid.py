@@ -1742,6 +1742,37 @@ def test_every_family_runs_from_the_command_line(model, tiny_families):
     assert ("paired" in results["teacher, 1 step"]) == (model in ("si", "bridge"))
 
 
+class Trained(Exception):
+    pass
+
+
+@pytest.mark.parametrize("model, param, steps", [("fm", "", 5000), ("ve", "", 5000), ("vp", "", 15000),
+                                                 ("vp", "score", 15000), ("vp", "v", 5000)])
+def test_a_teacher_trained_without_steps_gets_its_familys_recipe(model, param, steps, tmp_path, monkeypatch):
+    # VP's eps and score teachers need 15000 updates on 2D data to come near the data (docs/matching-models.md):
+    # realuid.py's teacher on the spot, teacher.py and eval.py families all read teacher_recipes
+    def record(cfg, *args, **kwargs):
+        seen.append((cfg.steps, R.matching_spec(cfg)["type"]))
+        raise Trained
+    seen = []
+    for module in (R, teacher_py, eval_py):
+        monkeypatch.setattr(module, "train_teacher", record)
+    for main, argv in ((R.main, ["--model", model, "--out", str(tmp_path / "r")]),
+                       (teacher_py.main, ["--model", model, "--param", param, "--out", str(tmp_path / "t")]),
+                       (R.main, ["--model", model, "--out", str(tmp_path / "s"), "--teacher-steps", "7"]),
+                       (teacher_py.main, ["--model", model, "--param", param, "--out", str(tmp_path / "u"),
+                                          "--steps", "7"])):
+        if main is R.main and param:  # realuid.py trains the family's default parameterisation
+            continue
+        with pytest.raises(Trained):
+            main(argv)
+    family = next(k for k, v in eval_py.FAMILIES.items() if v == (model, param or RT.DEFAULT_PARAM.get(model, "")))
+    with pytest.raises(Trained):
+        eval_py.main(["families", "--families", family, "--datasets", "8gaussians", "--out", str(tmp_path / "f")])
+    assert [n for n, _ in seen] == ([steps, steps, 7, 7] if not param else [steps, 7]) + [steps]
+    assert {m for _, m in seen} == {model}
+
+
 class LinearField(torch.nn.Module):
     def __init__(self):
         super().__init__()
