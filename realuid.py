@@ -66,6 +66,10 @@ class Config(DistillFlags):
     sigma_init: float = opt(None, "the noise level s/a at which the one-step generator denoises as the teacher "
                                   "(SiD); default 2.5 for diffusion, and for flow matching on low-dim data (images: "
                                   "the paper's G(z) = z + g(0, z))", type=float)
+    high_noise: float = opt(None, "fm, vp, ve: the share of distillation's noise levels drawn from the top of its "
+                                  "range, [sigma_init / 5, sigma_init], where the modes' masses are settled (the rest "
+                                  "by SiD's law below sigma_init); default 0.5 on low-dim data, 0 (SiD's law) on "
+                                  "images", type=float)
     alpha: float = opt(0.92, "RealUM weight of generated data, in (0, 1] (eq. 16)")
     beta: float = opt(0.94, "RealUM weight of the generated target, in (0, 1] (eq. 16)")
     gamma: float = opt(None, "General RealUID (Def. 3): weight of the quadratic term; default: plain RealUID",
@@ -107,8 +111,8 @@ class Config(DistillFlags):
 # The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a
 # laptop CPU. A flag the user gives wins over any recipe.
 RECIPES = dict(
-    lowdim=dict(lr=3e-4, batch_size=512, steps=6000, warmup=100, ema=(0.95, 0.99, 0.995),
-                log_every=50, save_every=2000, fid_every=3000),
+    lowdim=dict(lr=3e-4, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
+                log_every=50, save_every=2000, fid_every=2000),
     digits=dict(lr=3e-4, batch_size=64, steps=1200, warmup=100, ema=(0.95, 0.99, 0.995),
                 log_every=50, save_every=600, sample_every=300, fid_samples=2000),
     image={})
@@ -116,6 +120,7 @@ RECIPES = dict(
 
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
+HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in [sigma_init / HIGH_BAND, sigma_init] (docs/matching-models.md)
 DEPENDENT = dict(parameterization="gamma", lambda_gen="gan", lambda_disc="gan", gan_t_range="gan", dmd_t_max="dmd",
                  init_ema="init_generator")  # flags that mean something only beside another
 RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", "workers", "log_every", "save_every",
@@ -369,6 +374,27 @@ def time_grid(i, steps, x):
     return torch.full((x.shape[0],), i / steps, device=x.device, dtype=x.dtype)
 
 
+HIGH_BAND = 5  # the top band of distillation's noise levels: [sigma_init / HIGH_BAND, sigma_init]
+
+
+def top_band(m, high):
+    """m.high, the share of distillation's draws in the top band, and t_band, the band's lowest noise level's time."""
+    if not 0 <= high <= 1:
+        raise ValueError(f"--high-noise is a share of the draws, in [0, 1] (got {high})")
+    m.high, m.t_band = high, min(1.0, m.t_of_sigma(m.sigma_init / HIGH_BAND)) if high else None
+
+
+def below_sigma_init(m, n, device):
+    """SiD's law for distillation, t ~ U[t_g, 1] on the family's clock (the noise levels below the generator's own),
+    with a share m.high of the draws from the top band [t_g, t_band]: the modes' masses are settled at these levels,
+    and SiD's law alone gives them too few draws to hold a light mode (docs/matching-models.md)."""
+    t = m.t_g + (1 - m.t_g) * torch.rand(n, device=device)
+    if not m.high:
+        return t
+    top = m.t_g + (m.t_band - m.t_g) * torch.rand(n, device=device)
+    return torch.where(torch.rand(n, device=device) < m.high, top, t)
+
+
 class MatchingModel:
     """What a family provides (Def. 1); a new family is one subclass, and every loss and the loop take it as is.
     `noise` is everything random that the path needs besides x1 (and x_T, passed as y, for coupled models)."""
@@ -415,17 +441,24 @@ class FlowMatching(MatchingModel):
     G(z) = z + g(0, z), with times uniform on [0, 1].
     """
 
-    def __init__(self, sigma_init=None):
+    def __init__(self, sigma_init=None, high=0.0):
         if sigma_init is not None and not 0 < sigma_init < math.inf:
             raise ValueError(f"--sigma-init must be a positive noise level (got {sigma_init})")
+        if high and sigma_init is None:
+            raise ValueError("--high-noise needs the generator at a noise level (--sigma-init)")
         self.sigma_init = sigma_init
-        self.t_g = 0.0 if sigma_init is None else 1 / (1 + sigma_init)
+        self.t_g = 0.0 if sigma_init is None else self.t_of_sigma(sigma_init)
+        top_band(self, high)
 
     def spec(self):
-        return dict(type="fm") | ({} if self.sigma_init is None else dict(sigma_init=self.sigma_init))
+        return dict(type="fm") | ({} if self.sigma_init is None else dict(sigma_init=self.sigma_init)) | (
+            dict(high=self.high) if self.high else {})
+
+    def t_of_sigma(self, sigma):  # sigma = s / a = (1 - t) / t
+        return 1 / (1 + sigma)
 
     def distill_t(self, n, device):
-        return self.t_g + (1 - self.t_g) * torch.rand(n, device=device)
+        return below_sigma_init(self, n, device)
 
     def path(self, x0, x1, t):
         t = pad_like(t, x1)
@@ -478,17 +511,18 @@ class Diffusion(MatchingModel):
     """
     P_MEAN, P_STD = -0.5, 1.2
 
-    def __init__(self, type="vp", param="eps", sigma_init=2.5, lam=(-10.0, 10.0), sigma=(80.0, 0.002)):
+    def __init__(self, type="vp", param="eps", sigma_init=2.5, lam=(-10.0, 10.0), sigma=(80.0, 0.002), high=0.0):
         if type not in ("vp", "ve") or param not in ("eps", "score", "edm", "v"):
             raise ValueError(f"unknown diffusion {type!r} / parameterisation {param!r}")
         self.type, self.param, self.sigma_init, self.lam, self.sigma = type, param, sigma_init, lam, sigma
         self.t_g = self.t_of_sigma(sigma_init)
         if not 0 <= self.t_g < 1 or not self.sigma_range()[0] < sigma_init <= self.sigma_range()[1]:
             raise ValueError(f"--sigma-init {sigma_init} lies outside this diffusion's noise levels")
+        top_band(self, high)
 
     def spec(self):
         return dict(type=self.type, param=self.param, sigma_init=self.sigma_init, lam=list(self.lam),
-                    sigma=list(self.sigma))
+                    sigma=list(self.sigma)) | (dict(high=self.high) if self.high else {})
 
     def sigma_range(self):
         return (math.exp(-self.lam[1] / 2), math.exp(-self.lam[0] / 2)) if self.type == "vp" else self.sigma[::-1]
@@ -533,7 +567,7 @@ class Diffusion(MatchingModel):
         return self.t_of_sigma(sigma).clamp(0, 1)
 
     def distill_t(self, n, device):  # SiD: noise levels below the generator's own, s / a <= sigma_init
-        return self.t_g + (1 - self.t_g) * torch.rand(n, device=device)
+        return below_sigma_init(self, n, device)
 
     def weight(self, t):
         return self.a_s(t)[1] ** 2 if self.param == "score" else None
@@ -1152,6 +1186,12 @@ def teacher_matching(cfg, ckpt, data, path):
     given = cfg.sigma_init is not None
     if spec["type"] in ("vp", "ve") or (spec["type"] == "fm" and (given or data.kind == "lowdim")):
         spec["sigma_init"] = cfg.sigma_init if given else SIGMA_INIT
+        spec["high"] = cfg.high_noise if cfg.high_noise is not None else HIGH_NOISE if data.kind == "lowdim" else 0.0
+    elif cfg.high_noise:
+        raise UsageError("--high-noise needs --sigma-init on images (flow matching's generator there is the paper's "
+                         "z + g(0, z), at no noise level)" if spec["type"] == "fm" else
+                         f"--high-noise applies to fm, vp and ve, whose generator starts at a noise level; "
+                         f"{spec['type']} has none")
     with refusing():
         matching = matching_model(spec)
     if matching.coupled != data.coupled:
