@@ -39,14 +39,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import (DEFAULT_PARAM, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, Stopped,
-                     Supervisor, TeacherConfig, UsageError, batches, check_batch_size, check_dependent, check_finite,
-                     check_loss_flags, check_teacher_data, check_world, checkpoints_in, config_dict, count_parameters,
-                     cycled, default_field_spec, distill_parts, failed, finish, grid_writer, init_ranks,
-                     load_checkpoint, load_state, make_config, new_folder, opt, parser_from_dataclass, place,
-                     read_field_checkpoint, refusing, report_lowdim, report_paired, resolve_config, restore,
-                     resumed_run, rewind_metrics, sample_grid, save_checkpoint, save_json, set_precision,
-                     stale_temporaries, state_of, stopped_by, supervise, teacher_recipes, use_bf16)
+from runtime import (DEFAULT_PARAM, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, Stopped, Supervisor,
+                     UsageError, batches, check_batch_size, check_dependent, check_finite, check_loss_flags,
+                     check_teacher_data, check_world, checkpoints_in, config_dict, count_parameters, cycled,
+                     default_field_spec, distill_parts, failed, finish, grid_writer, init_ranks, load_state,
+                     new_folder, opt, parser_from_dataclass, place, read_field_checkpoint, refusing, report_lowdim,
+                     report_paired, resolve_config, restore, resumed_run, rewind_metrics, sample_grid, save_checkpoint,
+                     save_json, set_precision, spot_teacher, stale_temporaries, state_of, stopped_by, supervise,
+                     use_bf16)
 
 # =============================================================================
 # Config: defaults are the paper's CIFAR-10 recipe (Appendix D)
@@ -120,7 +120,7 @@ RECIPES = dict(
 
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
-HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in [sigma_init / HIGH_BAND, sigma_init] (docs/matching-models.md)
+HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
 DEPENDENT = dict(parameterization="gamma", lambda_gen="gan", lambda_disc="gan", gan_t_range="gan", dmd_t_max="dmd",
                  init_ema="init_generator")  # flags that mean something only beside another
 RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", "workers", "log_every", "save_every",
@@ -1150,27 +1150,8 @@ def load_field(path, what="teacher", ema=None, **kw):
 
 
 def prepare_teacher(cfg, data, out, device, ranks=None):
-    """The teacher field: from --teacher, from the output folder's cache, or trained on the spot."""
-    path, ranks = cfg.teacher, ranks or Ranks()
-    if not path:
-        if data.kind != "lowdim":
-            raise UsageError(f"{cfg.dataset} needs --teacher PATH (train one with: python teacher.py "
-                             f"--dataset {cfg.dataset})")
-        path = os.path.join(out, "teacher.pt")
-        model = cfg.model or "fm"
-        have = load_checkpoint(path) if os.path.isfile(path) else {}
-        cached = have.get("data") == data.info(cfg.dataset) and (have.get("matching") or {}).get("type", "fm") == model
-        if not cached and ranks.main:  # the other ranks wait for rank 0's file
-            recipe = teacher_recipes(model)[data.recipe]  # batch capped at the data's size: small .npy files train
-            tcfg = make_config(TeacherConfig, dict(recipe, dataset=cfg.dataset, cond=cfg.cond,
-                                                   steps=cfg.teacher_steps or recipe["steps"],
-                                                   hidden=cfg.hidden, seed=cfg.seed, eval_samples=cfg.eval_samples,
-                                                   model=model, batch_size=min(recipe["batch_size"], len(data))))
-            print(f"no --teacher: training one on the spot ({tcfg.steps} updates), cached as {path}")
-            t0 = time.time()
-            train_teacher(tcfg, data, device, path, prog="realuid.py")
-            print(f"teacher training took {time.time() - t0:.0f} s")
-        ranks.barrier()
+    """The teacher field: from --teacher, or the output folder's, trained on the spot (runtime.spot_teacher)."""
+    path = cfg.teacher or spot_teacher(cfg, data, out, device, ranks or Ranks(), train_teacher)
     res = data.shape()[-1] if data.kind == "image" else None
     net, ckpt = load_field(path, "teacher", cfg.teacher_ema, image_size=res, num_heads=cfg.num_heads,
                            num_head_channels=cfg.num_head_channels)
@@ -1187,11 +1168,9 @@ def teacher_matching(cfg, ckpt, data, path):
     if spec["type"] in ("vp", "ve") or (spec["type"] == "fm" and (given or data.kind == "lowdim")):
         spec["sigma_init"] = cfg.sigma_init if given else SIGMA_INIT
         spec["high"] = cfg.high_noise if cfg.high_noise is not None else HIGH_NOISE if data.kind == "lowdim" else 0.0
-    elif cfg.high_noise:
-        raise UsageError("--high-noise needs --sigma-init on images (flow matching's generator there is the paper's "
-                         "z + g(0, z), at no noise level)" if spec["type"] == "fm" else
-                         f"--high-noise applies to fm, vp and ve, whose generator starts at a noise level; "
-                         f"{spec['type']} has none")
+    elif cfg.high_noise:  # no noise level to draw below: si, bridge, and the paper's z + g(0, z) of fm on images
+        raise UsageError("--high-noise needs --sigma-init on images" if spec["type"] == "fm" else
+                         f"--high-noise applies to fm, vp and ve (a generator at a noise level), not {spec['type']}")
     with refusing():
         matching = matching_model(spec)
     if matching.coupled != data.coupled:

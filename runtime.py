@@ -791,6 +791,29 @@ def check_teacher_data(path, ckpt, data):
                          f"{'drop' if data.num_classes is None else 'add'} --cond or use another teacher")
 
 
+def spot_teacher(cfg, data, out, device, ranks, train):
+    """realuid.py without --teacher (low-dim data): the output folder's teacher.pt, trained there on the spot with
+    the family's recipe by train (realuid.train_teacher) unless it holds one of this data and family; its path."""
+    if data.kind != "lowdim":
+        raise UsageError(f"{cfg.dataset} needs --teacher PATH (train one with: python teacher.py "
+                         f"--dataset {cfg.dataset})")
+    path, model = os.path.join(out, "teacher.pt"), cfg.model or "fm"
+    have = load_checkpoint(path) if os.path.isfile(path) else {}
+    cached = have.get("data") == data.info(cfg.dataset) and (have.get("matching") or {}).get("type", "fm") == model
+    if not cached and ranks.main:  # the other ranks wait for rank 0's file
+        recipe = teacher_recipes(model)[data.recipe]  # batch capped at the data's size: small .npy files train
+        tcfg = make_config(TeacherConfig, dict(recipe, dataset=cfg.dataset, cond=cfg.cond,
+                                               steps=cfg.teacher_steps or recipe["steps"], hidden=cfg.hidden,
+                                               seed=cfg.seed, eval_samples=cfg.eval_samples, model=model,
+                                               batch_size=min(recipe["batch_size"], len(data))))
+        print(f"no --teacher: training one on the spot ({tcfg.steps} updates), cached as {path}")
+        t0 = time.time()
+        train(tcfg, data, device, path, prog="realuid.py")
+        print(f"teacher training took {time.time() - t0:.0f} s")
+    ranks.barrier()
+    return path
+
+
 def state_of(device, step, **parts):
     """A training state as plain tensors and numbers (loads with weights_only=True): every part's state_dict (a
     dict of networks keyed by EMA decay: each one's), the update count and the random state."""

@@ -2138,8 +2138,9 @@ def test_torchrun_with_two_ranks_trains_what_one_process_trains_and_resumes_in_o
     runs = []
     for ranks, steps in ((1, "18"), (2, "12")):  # the two-rank run stops at 12; one process finishes it
         out = tmp_path / f"run{ranks}"
+        # a constant lr: the recipe's cosine decay follows --steps, which the resume below changes
         log = torchrun("realuid.py", *common, "--teacher", str(tmp_path / "teacher1" / "teacher.pt"), "--steps", steps,
-                       "--K", "2", "--log-every", "6", "--fid-every", "0", "--eval-samples", "200", "--out", str(out),
+                       "--K", "2", "--lr-decay", "none", "--log-every", "6", "--fid-every", "0", "--eval-samples", "200", "--out", str(out),
                        ranks=ranks)
         assert log.stdout.count("realuid: 8gaussians") == 1  # rank 0 alone speaks
     torchrun("realuid.py", "--resume", str(tmp_path / "run2"), "--steps", "18", ranks=1)
