@@ -41,12 +41,11 @@ import torch.nn.functional as F
 
 from runtime import (DEFAULT_PARAM, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, Stopped, Supervisor,
                      UsageError, batches, check_batch_size, check_dependent, check_finite, check_loss_flags,
-                     check_teacher_data, check_world, checkpoints_in, config_dict, count_parameters, cycled,
-                     default_field_spec, distill_parts, failed, finish, grid_writer, init_ranks, load_state,
-                     new_folder, opt, parser_from_dataclass, place, read_field_checkpoint, refusing, report_lowdim,
-                     report_paired, resolve_config, restore, resumed_run, rewind_metrics, sample_grid, save_checkpoint,
-                     save_json, set_precision, spot_teacher, stale_temporaries, state_of, stopped_by, supervise,
-                     use_bf16)
+                     check_teacher_data, check_world, checkpoints_in, config_dict, count_parameters, default_field_spec,
+                     distill_parts, failed, finish, grid_writer, init_ranks, load_state, new_folder, opt,
+                     parser_from_dataclass, place, read_field_checkpoint, refusing, report_lowdim, report_paired,
+                     resolve_config, restore, resumed_run, rewind_metrics, save_checkpoint, save_json, set_precision,
+                     spot_teacher, stale_temporaries, state_of, stopped_by, supervise, teacher_grid, use_bf16)
 
 # =============================================================================
 # Config: defaults are the paper's CIFAR-10 recipe (Appendix D)
@@ -66,10 +65,9 @@ class Config(DistillFlags):
     sigma_init: float = opt(None, "the noise level s/a at which the one-step generator denoises as the teacher "
                                   "(SiD); default 2.5 for diffusion, and for flow matching on low-dim data (images: "
                                   "the paper's G(z) = z + g(0, z))", type=float)
-    high_noise: float = opt(None, "fm, vp, ve: the share of distillation's noise levels drawn from the top of its "
-                                  "range, [sigma_init / 5, sigma_init], where the modes' masses are settled (the rest "
-                                  "by SiD's law below sigma_init); default 0.5 on low-dim data, 0 (SiD's law) on "
-                                  "images", type=float)
+    high_noise: float = opt(None, "fm, vp, ve: the share of distillation's noise levels drawn from [sigma_init / 5, "
+                                  "sigma_init], where the modes' masses are settled, the rest by SiD's law; default "
+                                  "0.5 on low-dim data, 0 (SiD's law) on images", type=float)
     alpha: float = opt(0.92, "RealUM weight of generated data, in (0, 1] (eq. 16)")
     beta: float = opt(0.94, "RealUM weight of the generated target, in (0, 1] (eq. 16)")
     gamma: float = opt(None, "General RealUID (Def. 3): weight of the quadratic term; default: plain RealUID",
@@ -1132,12 +1130,7 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
                          data=data.info(cfg.dataset), field=spec, net=net.state_dict(),
                          ema={str(d): e.state_dict() for d, e in ema.items()}), path)
     if data.kind == "image" and cfg.sample_steps > 0:  # what the teacher has learnt
-        grid = os.path.join(os.path.dirname(path), "teacher-samples.png")
-        sources = cycled(data.src_test, 16) if data.coupled else None  # held-out pairs: source | sample | target
-        x = sample_field(ema[min(ema)], 64 if sources is None else 16, data.shape(), device, cfg.sample_steps,
-                         data.num_classes, matching=m, sources=sources)
-        sample_grid(x, grid, data, sources)
-        print(f"teacher samples ({cfg.sample_steps} sampler steps, EMA {min(ema)}): {grid}")
+        teacher_grid(ema[min(ema)], f"EMA {min(ema)}", data, m, device, cfg.sample_steps, path, sample_field)
     return net
 
 

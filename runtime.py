@@ -1495,6 +1495,17 @@ def sample_grid(x, path, data, sources=None):
         pair_grid([sources, x, cycled(data.x_test, len(sources)).float() / 127.5 - 1], path)
 
 
+def teacher_grid(net, name, data, matching, device, steps, path, sample_field):
+    """A grid of an image teacher's samples beside its file at path (sample_field: the method's sampler,
+    realuid.sample_field); paired data: rows of held-out source | sample | target."""
+    grid = os.path.join(os.path.dirname(path), "teacher-samples.png")
+    sources = cycled(data.src_test, 16) if data.coupled else None
+    x = sample_field(net, 64 if sources is None else 16, data.shape(), device, steps, data.num_classes,
+                     matching=matching, sources=sources)
+    sample_grid(x, grid, data, sources)
+    print(f"teacher samples ({steps} sampler steps, {name}): {grid}")
+
+
 def save_grid(x, path):
     """Images in [-1, 1] as one PNG grid."""
     from torchvision.utils import save_image
