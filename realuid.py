@@ -19,13 +19,12 @@ Symbols and code:
     u_psi         the fake field ("fake")      G_theta OneStepGenerator (the teacher's denoiser)
     alpha, beta   RealUM coefficients (eq. 16) K       fake updates per generator update
 
-Measured results, per matching model and data set: README.md and docs/. Multi-GPU: torchrun
---nproc_per_node=N realuid.py ...
+Measured results: README.md and docs/. Multi-GPU: torchrun --nproc_per_node=N realuid.py ...
 
 Sections, in the paper's reading order: config | networks | matching models (Def. 1) | losses | the one-step
-generator and Algorithm 1 | sampling | the teacher interface | main. From the networks to the loop the code
-depends on torch alone: one block to copy. What keeps a days-long run alive (checkpoints, signals, torchrun,
-the non-finite guard, data, logs) is runtime.py; it reaches the method through two hooks of RealUID.
+generator and Algorithm 1 | sampling | the teacher interface | main. From the networks to the loop it depends on
+torch alone: one block to copy. What keeps a long run alive (checkpoints, signals, torchrun, the non-finite
+guard, data, logs) is runtime.py, which reaches the method through two hooks of RealUID.
 """
 
 import copy
@@ -119,6 +118,7 @@ RECIPES = dict(
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
 HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
+HIGH_BAND = 5  # the top band of distillation's noise levels: [sigma_init / HIGH_BAND, sigma_init]
 DEPENDENT = dict(parameterization="gamma", lambda_gen="gan", lambda_disc="gan", gan_t_range="gan", dmd_t_max="dmd",
                  init_ema="init_generator")  # flags that mean something only beside another
 RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", "workers", "log_every", "save_every",
@@ -126,8 +126,7 @@ RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", 
              "resume")
 
 
-def check_config(cfg):
-    """The flags' ranges (runtime.check_finite), the coefficients, then the other loss flags (runtime)."""
+def check_config(cfg):  # the flags' ranges (runtime.check_finite), the coefficients, the other loss flags (runtime)
     check_finite(cfg)
     with refusing():
         check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
@@ -370,9 +369,6 @@ def gaussian_like(x, gen=None):  # torch.randn_like, from a seeded generator whe
 
 def time_grid(i, steps, x):
     return torch.full((x.shape[0],), i / steps, device=x.device, dtype=x.dtype)
-
-
-HIGH_BAND = 5  # the top band of distillation's noise levels: [sigma_init / HIGH_BAND, sigma_init]
 
 
 def top_band(m, high):
@@ -899,13 +895,11 @@ class RealUID:
         self.sched_gen = torch.optim.lr_scheduler.LambdaLR(self.opt_gen, warmup_schedule(cfg.warmup, gen_updates))
         self.step = 0
 
-    def _run(self, fn, *args):
-        """A network's output, computed in bf16 autocast where asked; the loss algebra stays fp32."""
+    def _run(self, fn, *args):  # a network's output, in bf16 autocast where asked; the loss algebra stays fp32
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             return fn(*args).float()
 
-    def _mean(self, loss, w):
-        """The batch mean of per-sample losses, weighted as the matching model asks (w: None or per sample)."""
+    def _mean(self, loss, w):  # the batch mean of per-sample losses, weighted as the matching model asks
         return (loss if w is None else w * loss).mean()
 
     def _gan_logits(self, x0, x1, y):
@@ -1174,11 +1168,6 @@ def teacher_matching(cfg, ckpt, data, path):
     return matching
 
 
-def no_dropout(spec):
-    # The generator and the fake model train without dropout (App. D), whatever the teacher used.
-    return {**spec, "dropout": 0.0} if spec.get("type") == "unet" else dict(spec)
-
-
 # =============================================================================
 # Main: the CLI, generated from Config; parsing happens only here
 # =============================================================================
@@ -1204,7 +1193,8 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)
         teacher, teacher_ckpt = prepare_teacher(cfg, data, out, device, ranks)
         matching = teacher_matching(cfg, teacher_ckpt, data, cfg.teacher or os.path.join(out, "teacher.pt"))
-        spec = no_dropout(teacher_ckpt["field"])
+        spec = dict(teacher_ckpt["field"])  # the generator and the fake model train without dropout (App. D)
+        spec |= dict(dropout=0.0) if spec.get("type") == "unet" else {}
         g = load_state(build_field(spec), teacher.state_dict(), "teacher")  # G_theta starts as u*'s one-step form
         if cfg.init_generator:  # fine-tuning (App. D.2): G from a distilled EMA, the fake model from u*
             _, sd, _ = read_field_checkpoint(cfg.init_generator, "--init-generator", cfg.init_ema)

@@ -1672,10 +1672,11 @@ def test_gaussian_pairs_are_coupled_to_a_neighbouring_mode():
     assert 0.45 < (k == (torch.cdist(x_src, c).argmin(1) + 1) % 8).float().mean() < 0.55
 
 
-# The stated bounds: the best one-step W2 over the teacher's at 100 steps, after these short runs. Measured at
-# this scale: vp 0.99 (1.43 with the time law over the teacher's whole range and no SiD normalisation), ve 0.95
-# (1.15 so), fm 1.19 (1.12 with the paper's generator form and time law: 1500 updates do not tell them apart)
-FAMILY_W2_RATIO = dict(fm=1.3, vp=1.1, ve=1.1)
+# The stated bounds: the best one-step W2 over the teacher's at 100 steps, after these short runs of the recipe
+# (the top band, the cosine decay over 1500 updates). Measured 0.97, 0.92, 1.16, 1.16; broken on purpose: times
+# uniform on the whole clock 1.23 (fm), 1.23 (vp), 1.41 (vp-score); the generator loss in the network's units
+# without SiD's normalisation 1.97 (vp-score), 1.27 (ve)
+FAMILY_W2_RATIO = {"fm": 1.1, "vp": 1.1, "vp-score": 1.2, "ve": 1.2}
 
 
 @pytest.fixture(scope="module")
