@@ -118,7 +118,6 @@ RECIPES = dict(
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
 HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
-HIGH_BAND = 5  # the top band of distillation's noise levels: [sigma_init / HIGH_BAND, sigma_init]
 DEPENDENT = dict(parameterization="gamma", lambda_gen="gan", lambda_disc="gan", gan_t_range="gan", dmd_t_max="dmd",
                  init_ema="init_generator")  # flags that mean something only beside another
 RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", "workers", "log_every", "save_every",
@@ -371,11 +370,12 @@ def time_grid(i, steps, x):
     return torch.full((x.shape[0],), i / steps, device=x.device, dtype=x.dtype)
 
 
-def top_band(m, high):
-    """m.high, the share of distillation's draws in the top band, and t_band, the band's lowest noise level's time."""
+def top_band(m, high, band=5):
+    """m.high, the share of distillation's draws in the top band [sigma_init / band, sigma_init], and t_band, the
+    time of its lowest noise level."""
     if not 0 <= high <= 1:
         raise ValueError(f"--high-noise is a share of the draws, in [0, 1] (got {high})")
-    m.high, m.t_band = high, min(1.0, m.t_of_sigma(m.sigma_init / HIGH_BAND)) if high else None
+    m.high, m.t_band = high, min(1.0, m.t_of_sigma(m.sigma_init / band)) if high else None
 
 
 def below_sigma_init(m, n, device):
