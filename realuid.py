@@ -1057,9 +1057,9 @@ def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, ba
 # (ours, torchcfm's and the official RealUID code's)
 # =============================================================================
 
-def matching_spec(cfg):
+def matching_spec(cfg, kind):
     if cfg.model in ("vp", "ve"):
-        return dict(type=cfg.model, param=cfg.param or DEFAULT_PARAM[cfg.model])
+        return dict(type=cfg.model, param=cfg.param or DEFAULT_PARAM[kind][cfg.model])
     if cfg.model in ("si", "bridge"):
         return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise)
     return dict(type="fm")
@@ -1097,7 +1097,7 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
     ema = {d: copy.deepcopy(net).eval().requires_grad_(False) for d in cfg.ema}
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=fused_adam(device))
     sched = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_schedule(cfg.warmup))
-    m = matching_model(matching_spec(cfg))
+    m = matching_model(matching_spec(cfg, data.recipe))
     if m.coupled != data.coupled:
         raise UsageError(f"--model {cfg.model} {'needs' if m.coupled else 'cannot use'} data-to-data pairs "
                          f"(--dataset pairs)")

@@ -128,7 +128,8 @@ class TeacherConfig(RunFlags):
     model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
                            "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
     param: str = opt("", "diffusion: the network predicts the noise (eps), the score, EDM's preconditioned "
-                         "denoiser (edm), or flow matching's velocity on its clock (v); default: eps for vp, edm for ve",
+                         "denoiser (edm), or flow matching's velocity on its clock (v); default: eps for vp, edm "
+                         "for ve on 2D data, v on images",
                          choices=("", "eps", "score", "edm", "v"))
     sigma: float = opt(0.5, "si, bridge: the scale of the path's noise gamma_t")
     source_noise: float = opt(0.1, "si, bridge: the noise added to the source x_T at t = 0 (the generator's z)")
@@ -162,13 +163,17 @@ TEACHER_RECIPES = dict(
 # 0.90 and 0.78 at 100 DDIM steps, 15000 at 0.60 and 0.67, where flow matching and VE (edm) reach 0.58 and 0.57
 # in 5000 (docs/matching-models.md)
 FAMILY_TEACHER_RECIPES = {("lowdim", "vp", "eps"): dict(steps=15000), ("lowdim", "vp", "score"): dict(steps=15000)}
-DEFAULT_PARAM = dict(vp="eps", ve="edm")  # a diffusion's parameterisation when --param is not given
+# A diffusion's parameterisation when --param is not given, per kind of data. On digits VP (eps) and VE (edm) score
+# about 2.8x flow matching's FID after distillation, and VP (eps)'s DDIM samples leave the data's range, where v
+# comes within 5 to 35 % of it (docs/matching-models.md); on 2D eps and edm reach their teachers
+DEFAULT_PARAM = dict(lowdim=dict(vp="eps", ve="edm"), digits=dict(vp="v", ve="v"), image=dict(vp="v", ve="v"))
 
 
 def teacher_recipes(model, param=""):
     """TEACHER_RECIPES, per kind of data, with what the family (model, param) needs on top."""
-    family = (model or "fm", param or DEFAULT_PARAM.get(model, ""))
-    return {kind: recipe | FAMILY_TEACHER_RECIPES.get((kind, *family), {}) for kind, recipe in TEACHER_RECIPES.items()}
+    family = {kind: (model or "fm", param or DEFAULT_PARAM[kind].get(model, "")) for kind in TEACHER_RECIPES}
+    return {kind: recipe | FAMILY_TEACHER_RECIPES.get((kind, *family[kind]), {})
+            for kind, recipe in TEACHER_RECIPES.items()}
 
 
 DATA_FIELDS = ("dataset", "cond", "seed", "eval_samples", "resolution", "data_root", "target_dir")  # load_data's

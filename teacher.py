@@ -2,7 +2,7 @@
 
     python teacher.py                        # the built-in 2D data, a minute on a CPU
     python teacher.py --dataset data.npy --steps 20000 --out runs/mine
-    python teacher.py --model vp --dataset digits          # diffusion (denoising score matching)
+    python teacher.py --model vp --dataset digits          # diffusion (images: velocity targets, --param v)
     python teacher.py --model bridge --dataset pairs       # augmented bridge matching on 2D pairs
 
 The loss is the matching model's UM loss (Def. 1, eq. 3): || u(t, x_t[, x_T]) - f_t(x_t | ...) ||^2, for
