@@ -1208,15 +1208,15 @@ def main(argv=None):
         with refusing():  # the method's own checks (the GAN head's feature size)
             state = RealUID(cfg, teacher, fake, g, matching, spec, use_bf16(cfg.precision, device, spec),
                             ranks.draw, guard)
-        if resume is not None:
-            state.step = restore(resume, device, **distill_parts(state))
-            stale_temporaries(out)
-            rewind_metrics(out, state.step)
         meta = dict(data=data.info(cfg.dataset), field=spec, matching=matching.spec())
         scorer = None
         if cfg.fid_every:  # built before training, so that a missing download fails now, not after hours
             scorer = ModelSelection(cfg, data, out, device, meta, matching, generate, load_field,
                                     resumed=resume is not None, ranks=ranks)
+        if resume is not None:  # after the scorer: building its feature network draws from the RNG restored here
+            state.step = restore(resume, device, **distill_parts(state))
+            stale_temporaries(out)
+            rewind_metrics(out, state.step)
     except (UsageError, Diverged) as e:  # Diverged: a teacher trained on the spot
         return failed("realuid.py", e, created)
     say = print if ranks.main else lambda *a: None

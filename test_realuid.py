@@ -1442,6 +1442,14 @@ def test_fid_every_keeps_the_best_weights_and_eval_reproduces_their_score(digits
     rows = [json.loads(l) for l in open(out / "metrics.jsonl") if "fid/generator" in l]
     assert [r["step"] for r in rows] == [3, 6, 9]
     assert after["score"] == min(before, rows[-1]["fid/generator"])
+    # and goes on exactly as a run straight to 9 (building the feature network draws from the global RNG: the
+    # checkpoint's RNG state must be restored after it)
+    assert R.main(["--dataset", "digits", "--teacher", digits_features, "--steps", "9", "--K", "2", "--batch-size",
+                   "8", "--fid-every", "3", "--fid-samples", "64", "--fid-features", digits_features,
+                   "--out", str(tmp_path / "straight")]) == 0
+    a, b = (torch.load(RT.latest_checkpoint(str(d)), weights_only=True) for d in (out, tmp_path / "straight"))
+    for part in ("generator", "fake"):
+        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
 
 
 def test_fid_of_samples_against_their_own_png_folder_is_zero(cifar_root, tmp_path, capsys):
