@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -742,13 +743,62 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+def run_scripts_side_by_side(jobs):
+    """Each job's script command lines in order, the jobs side by side with one thread each: two such processes
+    on two cores finish about 1.6x sooner than the same runs one after another on both cores (measured on the
+    2-core machine, the results bit for bit the same). Returns each job's failure, None where it exited 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(commands):
+        for argv in commands:
+            out = subprocess.run([sys.executable, *map(str, argv)], cwd=HERE, env=env, capture_output=True,
+                                 text=True, timeout=3600)
+            if out.returncode != 0:
+                return f"{' '.join(map(str, argv))}: exit {out.returncode}\n{out.stderr[-3000:]}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        return dict(zip(jobs, pool.map(run, jobs.values())))
+
+
+# The slow tier's long runs (python realuid.py ... as a user runs it), all started by whichever of their tests
+# comes first, longest first
+FAMILIES = (("fm", "8gaussians"), ("vp", "8gaussians"), ("vp-score", "8gaussians"), ("ve", "8gaussians"),
+            ("si", "pairs"), ("bridge", "pairs"))
+
+
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
+def long_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("long")
+    jobs = {"bridge-sr": [  # 300 teacher updates (digits recipe) and 240 of distillation (40 of the generator)
+        ["teacher.py", "--model", "bridge", "--dataset", "digits-sr", "--steps", "300", "--batch-size", "32",
+         "--sample-steps", "0", "--out", root / "bridge-sr" / "t"],
+        ["realuid.py", "--model", "bridge", "--dataset", "digits-sr", "--teacher", root / "bridge-sr" / "t" /
+         "teacher.pt", "--steps", "240", "--batch-size", "16", "--sample-every", "1000", "--out",
+         root / "bridge-sr" / "d"]]}
+    jobs["toy"] = [["realuid.py", "--out", root / "toy", "--teacher-steps", "2000", "--steps", "1500", "--seed", "0"]]
+    for family, dataset in FAMILIES:
+        out = root / family
+        # 5000 teacher updates: after 2000 the EMA (0.999) still holds 0.999^2000 = 14 % of the random start,
+        # which sends a VP teacher's samples far off the data and leaves an si teacher's weak
+        jobs[family] = [["realuid.py", "--model", family.split("-")[0], "--dataset", dataset, "--out", out,
+                         "--teacher-steps", "5000", "--steps", "1500", "--eval-samples", "600", "--fid-every", "0"]]
+        if family == "vp-score":  # realuid.py's teacher on the spot takes the family's default parameterisation
+            jobs[family] = [["teacher.py", "--model", "vp", "--param", "score", "--dataset", dataset, "--steps",
+                             "5000", "--out", out], jobs[family][0] + ["--teacher", out / "teacher.pt"]]
+    jobs["reproduce"] = [["eval.py", "reproduce", "--quick", "--out", root / "reproduce"]]
+    failures = run_scripts_side_by_side(jobs)
+
+    def run(name):
+        assert failures[name] is None, failures[name]
+        return root / name
+    return run
+
+
+@pytest.fixture(scope="module")
+def toy_run(long_runs):
     """The default 2D run, long enough to judge quality."""
-    out = tmp_path_factory.mktemp("toy")
-    rc = R.main(["--out", str(out), "--teacher-steps", "2000", "--steps", "1500", "--seed", "0"])
-    assert rc == 0
-    return out
+    return long_runs("toy")
 
 
 @pytest.mark.slow
@@ -1688,22 +1738,9 @@ FAMILY_W2_RATIO = {"fm": 1.1, "vp": 1.1, "vp-score": 1.2, "ve": 1.2}
 
 
 @pytest.fixture(scope="module")
-def family_runs(tmp_path_factory):
+def family_runs(long_runs):
     """Short teachers and distillations of each family on the built-in 2D data."""
-    runs = {}
-    for family, dataset in (("fm", "8gaussians"), ("vp", "8gaussians"), ("vp-score", "8gaussians"),
-                            ("ve", "8gaussians"), ("si", "pairs"), ("bridge", "pairs")):
-        out = tmp_path_factory.mktemp(family)
-        # 5000 teacher updates: after 2000 the EMA (0.999) still holds 0.999^2000 = 14 % of the random start,
-        # which sends a VP teacher's samples far off the data and leaves an si teacher's weak
-        if family == "vp-score":  # realuid.py's teacher on the spot takes the family's default parameterisation
-            assert teacher_py.main(["--model", "vp", "--param", "score", "--dataset", dataset, "--steps", "5000",
-                                    "--out", str(out)]) == 0
-        assert R.main(["--model", family.split("-")[0], "--dataset", dataset, "--out", str(out), "--teacher-steps",
-                       "5000", "--steps", "1500", "--eval-samples", "600", "--fid-every", "0"]
-                      + (["--teacher", str(out / "teacher.pt")] if family == "vp-score" else [])) == 0
-        runs[family] = json.load(open(out / "results.json")), out
-    return runs
+    return {family: (json.load(open(long_runs(family) / "results.json")), long_runs(family)) for family, _ in FAMILIES}
 
 
 @pytest.mark.slow
@@ -2233,9 +2270,8 @@ def test_families_compares_each_teacher_with_its_one_step_net_as_a_script(tmp_pa
 
 
 @pytest.mark.slow
-def test_reproduce_quick_writes_every_table_and_plot(tmp_path):
-    report = eval_py.main(["reproduce", "--quick", "--out", str(tmp_path)])
-    assert report == 0
+def test_reproduce_quick_writes_every_table_and_plot(long_runs):
+    tmp_path = long_runs("reproduce")  # python eval.py reproduce --quick, exit 0
     for name in ("fig3-loss-surface.png", "fig4-teacher-correction-1d.png", "fig2-convergence-2d.png",
                  "fig2-convergence-digits.png", "summary.md", "report.json"):
         assert (tmp_path / name).stat().st_size > 1000, name
@@ -2790,15 +2826,12 @@ def test_eval_sample_on_pairs_writes_source_images_and_target_and_a_five_column_
 
 
 @pytest.mark.slow
-def test_a_short_bridge_distillation_on_digits_sr_moves_the_generator_far_from_the_teachers_one_step(tmp_path):
-    # 300 teacher updates (digits recipe) and 240 of distillation (40 of the generator), about a minute. Measured
-    # over 2 seeds: the raw generator moves 0.11 and 0.17 (RMS) from its start, the teacher's one step, whose own
-    # RMS error is 0.17; its PSNR stays within 2 dB, and the EMA 0.95 beats the one step by 0.8 dB. A flipped
-    # generator loss moves it 1.19 and loses 12 dB; no generator loss leaves it where it started.
-    assert teacher_py.main(["--model", "bridge", "--dataset", "digits-sr", "--steps", "300", "--batch-size", "32",
-                            "--sample-steps", "0", "--out", str(tmp_path / "t")]) == 0
-    assert R.main(["--model", "bridge", "--dataset", "digits-sr", "--teacher", str(tmp_path / "t" / "teacher.pt"),
-                   "--steps", "240", "--batch-size", "16", "--sample-every", "1000", "--out", str(tmp_path / "d")]) == 0
+def test_a_short_bridge_distillation_on_digits_sr_moves_the_generator_far_from_the_teachers_one_step(long_runs):
+    # About a minute (long_runs). Measured over 2 seeds: the raw generator moves 0.11 and 0.17 (RMS) from its
+    # start, the teacher's one step, whose own RMS error is 0.17; its PSNR stays within 2 dB, and the EMA 0.95
+    # beats the one step by 0.8 dB. A flipped generator loss moves it 1.19 and loses 12 dB; no generator loss
+    # leaves it where it started.
+    tmp_path = long_runs("bridge-sr")
     results = json.load(open(tmp_path / "d" / "results.json"))
     data = RT.load_data(make_data_cfg("digits-sr"))
     teacher, ckpt = R.load_field(str(tmp_path / "t" / "teacher.pt"))
