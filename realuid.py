@@ -90,6 +90,8 @@ class Config(DistillFlags):
     lr_decay: str = opt("none", "after the warm-up: none (a constant lr, the paper's) or cosine (down to 0 at "
                                 "--steps, in each network's own updates)", choices=("none", "cosine"))
     ema: tuple = opt((0.999, 0.9996, 0.9999), "EMA decays of the generator")
+    ema_rampup: float = opt(None, "EDM's EMA ramp-up: every EMA's half-life at most this times the generator's "
+                                  "updates so far (default: the fixed decays, the paper's)", type=float)
     grad_clip: float = opt(1.0, "gradient-norm clipping of both networks")
     teacher: str = opt("", "teacher checkpoint: teacher.py's, torchcfm's or the official RealUID's "
                            "(low-dim data: trained on the spot if empty)")
@@ -827,6 +829,12 @@ class OneStepGenerator(nn.Module):
         return self.matching.one_step(self.g, z, y)
 
 
+def ema_decay(decay, n, rampup=None):
+    """The decay of an EMA at the generator's n-th update. EDM's ramp-up caps the half-life at rampup * n
+    updates, so that an EMA of a short run forgets its start (a fixed 0.995 keeps 37 % of it after 200)."""
+    return decay if rampup is None else min(decay, 0.5 ** (1 / (rampup * n)))
+
+
 @torch.no_grad()
 def ema_update(ema_net, net, decay):
     ema_params = list(ema_net.parameters())
@@ -988,8 +996,9 @@ class RealUID:
         return loss.detach(), grad_norm
 
     def update_emas(self):
+        n = self.step // (self.cfg.K + 1) + 1  # this generator update's number, 1, 2, ...
         for decay, ema_net in self.ema.items():
-            ema_update(ema_net, self.generator.g, decay)
+            ema_update(ema_net, self.generator.g, ema_decay(decay, n, self.cfg.ema_rampup))
 
 
 def distill(state, batches, after=None):

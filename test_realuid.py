@@ -895,6 +895,38 @@ def test_cli_refuses_bad_npy(array, message, capsys, tmp_path):
         assert message in err
 
 
+def test_ema_rampup_forgets_the_start_and_counts_generator_updates():
+    """EDM's ramp-up: the half-life of an EMA at the generator's n-th update is at most rampup * n updates."""
+    def start_weight(rampup, updates=200, decay=0.995):  # the share of the first weights left in the EMA
+        state, _ = tiny_state(K=3)
+        state.cfg = dataclasses.replace(state.cfg, ema=(decay,), ema_rampup=rampup)
+        state.ema = {decay: copy.deepcopy(state.generator.g)}
+        with torch.no_grad():
+            for p in state.generator.g.parameters():
+                p.add_(1)  # the generator moved by 1 and stays there: the EMA's distance to it is the start's weight
+        for n in range(1, updates + 1):
+            state.step = 3 + (n - 1) * 4  # the n-th generator update of K = 3
+            state.update_emas()
+        e, g = next(state.ema[decay].parameters()), next(state.generator.g.parameters())
+        return (g - e).double().mean().item()
+    assert start_weight(None) == pytest.approx(0.995 ** 200, rel=1e-4)  # 37 %: a short run's EMA is mostly its start
+    assert start_weight(0.05) < 1e-9
+    assert start_weight(0.05, updates=1) == pytest.approx(0.5 ** 20, abs=1e-7)  # the first update copies
+    # past the ramp (half-life 138 updates <= 0.05 n), the decay is the fixed one
+    assert R.ema_decay(0.995, 3000, 0.05) == 0.995 and R.ema_decay(0.995, 2000, 0.05) < 0.995
+    # in a run: 2 generator updates of K = 3 leave the second generator's weights within 0.1 % (n = 1, 2, not 4, 8)
+    state, _ = tiny_state(K=3, steps=8)
+    state.cfg = dataclasses.replace(state.cfg, ema_rampup=0.05)
+    first = []
+    step = state.generator_step
+    state.generator_step = lambda *a: (step(*a), first.append(copy.deepcopy(state.generator.g)))[0]
+    R.distill(state, RT.batches(RT.Data(x=torch.randn(100, 2)), 16, "cpu"))
+    for e, g, g1 in zip(state.ema[0.99].parameters(), state.generator.g.parameters(), first[0].parameters()):
+        assert (e - g).abs().max() <= 2e-3 * (g1 - g).abs().max() + 1e-7
+    assert "--ema-rampup" in subprocess.run([sys.executable, "realuid.py", "--ema-rampup", "0"], capture_output=True,
+                                            text=True, cwd=HERE).stderr
+
+
 def test_cli_refuses_other_bad_input(capsys, tmp_path):
     assert "unknown dataset" in error_of(R.main, ["--dataset", "mnist9", "--out", str(tmp_path)], capsys)
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
