@@ -90,8 +90,8 @@ class Config(DistillFlags):
     lr_decay: str = opt("none", "after the warm-up: none (a constant lr, the paper's) or cosine (down to 0 at "
                                 "--steps, in each network's own updates)", choices=("none", "cosine"))
     ema: tuple = opt((0.999, 0.9996, 0.9999), "EMA decays of the generator")
-    ema_rampup: float = opt(None, "EDM's EMA ramp-up: every EMA's half-life at most this times the generator's "
-                                  "updates so far (default: the fixed decays, the paper's)", type=float)
+    ema_rampup: float = opt(0.0, "EDM's EMA ramp-up: every EMA's half-life at most this times the generator's "
+                                 "updates so far (0: the fixed decays, the paper's)")
     grad_clip: float = opt(1.0, "gradient-norm clipping of both networks")
     teacher: str = opt("", "teacher checkpoint: teacher.py's, torchcfm's or the official RealUID's "
                            "(low-dim data: trained on the spot if empty)")
@@ -829,10 +829,10 @@ class OneStepGenerator(nn.Module):
         return self.matching.one_step(self.g, z, y)
 
 
-def ema_decay(decay, n, rampup=None):
+def ema_decay(decay, n, rampup=0.0):
     """The decay of an EMA at the generator's n-th update. EDM's ramp-up caps the half-life at rampup * n
     updates, so that an EMA of a short run forgets its start (a fixed 0.995 keeps 37 % of it after 200)."""
-    return decay if rampup is None else min(decay, 0.5 ** (1 / (rampup * n)))
+    return min(decay, 0.5 ** (1 / (rampup * n))) if rampup else decay
 
 
 @torch.no_grad()

@@ -223,7 +223,7 @@ def check_finite(cfg):
     if getattr(cfg, "channels", 32) % 32:
         raise UsageError(f"--channels must be a multiple of 32, the UNet's GroupNorm groups (got {cfg.channels})")
     for name in POSITIVE:
-        if name in names and getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+        if name in names and not getattr(cfg, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number (got {getattr(cfg, name)})")
     for name in NON_NEGATIVE:
         if name in names and not getattr(cfg, name) >= 0:
@@ -233,8 +233,8 @@ def check_finite(cfg):
 
 
 POSITIVE = ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden", "fid_samples",
-            "lr", "grad_clip", "ema_rampup")
-NON_NEGATIVE = ("warmup", "fid_every", "skip_nonfinite")
+            "lr", "grad_clip")
+NON_NEGATIVE = ("warmup", "fid_every", "skip_nonfinite", "ema_rampup")
 SIZE_LIMITS = dict(hidden=(1, 65536), channels=(32, 4096), num_res_blocks=(1, 32), workers=(0, 256),
                    resolution=(0, 4096), eval_samples=(1, 10 ** 7), fid_samples=(1, 10 ** 7),
                    teacher_steps=(1, 10 ** 9))

@@ -909,7 +909,7 @@ def test_ema_rampup_forgets_the_start_and_counts_generator_updates():
             state.update_emas()
         e, g = next(state.ema[decay].parameters()), next(state.generator.g.parameters())
         return (g - e).double().mean().item()
-    assert start_weight(None) == pytest.approx(0.995 ** 200, rel=1e-4)  # 37 %: a short run's EMA is mostly its start
+    assert start_weight(0.0) == pytest.approx(0.995 ** 200, rel=1e-4)  # 37 %: a short run's EMA is mostly its start
     assert start_weight(0.05) < 1e-9
     assert start_weight(0.05, updates=1) == pytest.approx(0.5 ** 20, abs=1e-7)  # the first update copies
     # past the ramp (half-life 138 updates <= 0.05 n), the decay is the fixed one
@@ -923,8 +923,8 @@ def test_ema_rampup_forgets_the_start_and_counts_generator_updates():
     R.distill(state, RT.batches(RT.Data(x=torch.randn(100, 2)), 16, "cpu"))
     for e, g, g1 in zip(state.ema[0.99].parameters(), state.generator.g.parameters(), first[0].parameters()):
         assert (e - g).abs().max() <= 2e-3 * (g1 - g).abs().max() + 1e-7
-    assert "--ema-rampup" in subprocess.run([sys.executable, "realuid.py", "--ema-rampup", "0"], capture_output=True,
-                                            text=True, cwd=HERE).stderr
+    assert "--ema-rampup must be >= 0" in subprocess.run([sys.executable, "realuid.py", "--ema-rampup", "-1"],
+                                                         capture_output=True, text=True, cwd=HERE).stderr
 
 
 def test_cli_refuses_other_bad_input(capsys, tmp_path):
