@@ -193,11 +193,13 @@ def make_config(cls, user, *recipes):
 
 def resolve_config(cls, user, recipes, *more):
     """(cfg, data): the data fields are checked and the data loaded first, since the data pick the recipe; then
-    cfg = the defaults < recipes[the data's kind] < more < the user's flags, its ranges checked."""
+    cfg = the defaults < recipes[the data's kind] < recipes[<kind>_pairs] (paired data) < more < the user's flags,
+    its ranges checked."""
     cfg = make_config(cls, {k: v for k, v in user.items() if k in DATA_FIELDS})
     check_finite(cfg)  # the data fields, before they size anything
     data = load_data(cfg)
-    cfg = make_config(cls, user, recipes[data.recipe], *more)
+    paired = recipes.get(f"{data.recipe}_pairs", {}) if data.coupled else {}
+    cfg = make_config(cls, user, recipes[data.recipe], paired, *more)
     check_finite(cfg)
     return cfg, data
 
