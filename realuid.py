@@ -834,8 +834,8 @@ class OneStepGenerator(nn.Module):
 
 
 def ema_decay(decay, n, rampup=0.0):
-    """The decay of an EMA at the generator's n-th update. EDM's ramp-up caps the half-life at rampup * n
-    updates, so that an EMA of a short run forgets its start (a fixed 0.995 keeps 37 % of it after 200)."""
+    """The decay of an EMA at the generator's n-th update. EDM's ramp-up (SiD's distillation keeps it, at 0.05)
+    caps the half-life at rampup * n updates, so that an EMA of a short run forgets its start."""
     return min(decay, 0.5 ** (1 / (rampup * n))) if rampup else decay
 
 
