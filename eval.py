@@ -30,9 +30,9 @@ import time
 import numpy as np
 import torch
 
-from realuid import (Config, RealUID, UNet, build_field, ema_decay, generate, load_field, main as realuid_main,
-                     matching_model, read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field,
-                     teacher_step, train_teacher)
+from realuid import (Config, RealUID, UNet, build_field, generate, load_field, main as realuid_main, matching_model,
+                     read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field, teacher_step,
+                     train_teacher)
 from runtime import (DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION, Data, HeldOut,
                      Parser, TeacherConfig, UsageError, config_dict, count_parameters, cycled, fail,
                      latest_checkpoint, load_checkpoint, load_data, load_reference_data, make_config, pair_grid,
@@ -157,9 +157,8 @@ class StraightforwardRealUID(RealUID):
     def update_emas(self):
         if HABITS[1] not in self.habits:
             return super().update_emas()
-        n = self.step // (self.cfg.K + 1) + 1
-        for decay, ema_net in self.ema.items():
-            straightforward_ema(ema_net, self.generator.g, ema_decay(decay, n, self.cfg.ema_rampup))
+        for decay, ema_net in self.ema_decays():
+            straightforward_ema(ema_net, self.generator.g, decay)
 
     def _update(self, loss, optimiser, sched, net, emas=False):
         optimiser.zero_grad()

@@ -108,10 +108,8 @@ class Config(DistillFlags):
 
 
 # The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a
-# laptop CPU. A flag the user gives wins over any recipe. Digits' 1200 updates are 200 of the generator, in which
-# fixed EMAs keep 37 % (0.995) or 13 % (0.99) of the teacher's one step: SiD's ramp-up forgets it. Paired digits
-# keep fixed EMAs: there the teacher's one step (the conditional mean) is already near the data, and the slow EMAs
-# that blend it in were model selection's picks (docs/image-to-image.md).
+# laptop CPU. A flag the user gives wins over any recipe. Digits ramp their EMAs up: after 200 generator updates a
+# fixed 0.995 keeps 37 % of the teacher's one step; paired digits keep it, near the data there (matching-models.md).
 RECIPES = dict(
     lowdim=dict(lr=3e-4, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
                 log_every=50, save_every=2000, fid_every=2000),
@@ -999,10 +997,13 @@ class RealUID:
         self.step += 1
         return loss.detach(), grad_norm
 
+    def ema_decays(self):  # (decay at this generator update, EMA net); the ramp-up counts updates from 1
+        n = self.step // (self.cfg.K + 1) + 1
+        return [(ema_decay(d, n, self.cfg.ema_rampup), net) for d, net in self.ema.items()]
+
     def update_emas(self):
-        n = self.step // (self.cfg.K + 1) + 1  # this generator update's number, 1, 2, ...
-        for decay, ema_net in self.ema.items():
-            ema_update(ema_net, self.generator.g, ema_decay(decay, n, self.cfg.ema_rampup))
+        for decay, ema_net in self.ema_decays():
+            ema_update(ema_net, self.generator.g, decay)
 
 
 def distill(state, batches, after=None):

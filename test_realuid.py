@@ -914,7 +914,7 @@ def test_ema_rampup_forgets_the_start_and_counts_generator_updates():
     assert start_weight(0.05, updates=1) == pytest.approx(0.5 ** 20, abs=1e-7)  # the first update copies
     # past the ramp (half-life 138 updates <= 0.05 n), the decay is the fixed one
     assert R.ema_decay(0.995, 3000, 0.05) == 0.995 and R.ema_decay(0.995, 2000, 0.05) < 0.995
-    # in a run: 2 generator updates of K = 3 leave the second generator's weights within 0.1 % (n = 1, 2, not 4, 8)
+    # in a run: 2 generator updates of K = 3 leave 0.5^10 = 0.1 % of the first in the EMA (n = 1, 2, not 4, 8)
     state, _ = tiny_state(K=3, steps=8)
     state.cfg = dataclasses.replace(state.cfg, ema_rampup=0.05)
     first = []
