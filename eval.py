@@ -599,7 +599,7 @@ def cmd_reproduce(args):
             _, results = distill_run([*common, "--alpha", str(alpha), "--beta", str(beta), "--seed", str(seed)],
                                      folder)
             mean_x = float(generated_mean(folder, data)[0])
-            w2 = results[f"RealUID EMA {REPRO_EMA}, 1 step"]["w2"]
+            w2 = next(r for k, r in results.items() if k.endswith(f"EMA {REPRO_EMA}, 1 step"))["w2"]
             corr.setdefault(f"{alpha}, {beta}", []).append((mean_x, w2))
             print(f"  alpha {alpha}, beta {beta}, seed {seed}: mean x {mean_x:.3f}")
     report["correction_2d"] = dict(teacher_mean_x=float(teacher_mean), runs=corr)
@@ -669,9 +669,10 @@ def cmd_families(args):
                     ref = results["teacher, 100 steps"]
                     rows.append(dict(data=dataset, family=family, method=method, seed=seed, teacher=ref,
                                      best=best, net=name, step=step))
-                    print(f"{dataset} {family} {method} seed {seed}: teacher (100 steps) W2 {ref['w2']:.3f}, "
-                          f"one step {best['w2']:.3f} ({name} at {step}), {best['modes']}/{len(data.modes.centres)} "
-                          f"modes held; {time.time() - start:.0f} s so far", flush=True)
+                    print(f"{dataset} {family} {method} seed {seed}: teacher (100 steps) W2 {ref['w2']:.3f} precision "
+                          f"{ref['precision']:.3f} recall {ref['recall']:.3f}, one step {best['w2']:.3f} "
+                          f"{best['precision']:.3f} {best['recall']:.3f} ({name} at {step}), {best['modes']}/"
+                          f"{len(data.modes.centres)} modes held; {time.time() - start:.0f} s so far", flush=True)
                     if seed == 0 and method == "RealUID":
                         teacher_net, tckpt = load_field(teacher, "teacher")
                         held = HeldOut(data, generate, matching_model(tckpt["matching"]), torch.device("cpu"), 0)
@@ -679,10 +680,12 @@ def cmd_families(args):
         plot_families(pictures, os.path.join(out, f"families-{dataset}.png"), dataset)
     md.append(markdown_table(
         ["data", "family", "method", "seeds", "teacher, 100 steps: W2", "one step (best): W2", "ratio",
+         "teacher: precision", "one step: precision", "teacher: recall", "one step: recall",
          "modes held", "smallest mode share", "arc share", "in parts"],
         [(d, f, m, len(sel), *("{:.3f} +- {:.3f}".format(*mean_spread(v)) for v in (
             [r["teacher"]["w2"] for r in sel], [r["best"]["w2"] for r in sel],
-            [r["best"]["w2"] / r["teacher"]["w2"] for r in sel])),
+            [r["best"]["w2"] / r["teacher"]["w2"] for r in sel],
+            *([r[who][k] for r in sel] for k in ("precision", "recall") for who in ("teacher", "best")))),
           "/".join(str(r["best"]["modes"]) for r in sel), "{:.2f}".format(min(r["best"]["min_share"] for r in sel)),
           "{:.2f}".format(np.mean([r["best"]["arc_share"] for r in sel])) if "arc_share" in sel[0]["best"] else "-",
           "{:.3f}".format(np.mean([r["best"]["in_mode"] for r in sel])))

@@ -32,41 +32,33 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import (DEFAULT_PARAM, VERSION, DistillFlags, Diverged, Guard, ModelSelection, Ranks, Stopped, Supervisor,
-                     UsageError, batches, check_batch_size, check_dependent, check_finite, check_loss_flags,
-                     check_teacher_data, check_world, checkpoints_in, config_dict, count_parameters, default_field_spec,
-                     distill_parts, failed, finish, grid_writer, init_ranks, load_state, new_folder, opt,
-                     parser_from_dataclass, place, read_field_checkpoint, refusing, report_lowdim, report_paired,
-                     resolve_config, restore, resumed_run, rewind_metrics, save_checkpoint, save_json, set_precision,
-                     spot_teacher, stale_temporaries, state_of, stopped_by, supervise, teacher_grid, use_bf16)
+from runtime import (DATA_FLAGS, DISTILL_DEPENDENT, DISTILL_RESUMABLE, SELECTION_FLAGS, DistillFlags, Diverged, Guard,
+                     ModelSelection, Ranks, UsageError, batches, check_dependent, check_finite, check_loss_flags,
+                     check_teacher_data, checkpoints_in, closing_report, config_dict, count_parameters,
+                     default_field_spec, distill_matching_spec, distill_parts, failed, finish, grid_writer, load_state,
+                     matching_spec, open_run, parser_from_dataclass, place, read_field_checkpoint, refusing,
+                     resolve_config, restore, resumed_run, rewind_metrics, save_json, spot_teacher, stale_temporaries,
+                     stopped_by, supervise, supervise_teacher, teacher_grid, use_bf16)
 
 # =============================================================================
-# Config: defaults are the paper's CIFAR-10 recipe (Appendix D)
+# The method, from here to distill(): torch and Python's standard library alone, one block to copy (README)
+# Method: the hyperparameters RealUID reads; defaults are the paper's CIFAR-10 recipe (Appendix D)
 # =============================================================================
+
+def opt(default, help, **kw):  # a field with its --help text
+    return field(default=default, metadata=dict(help=help, **kw))
+
 
 @dataclass
-class Config(DistillFlags):
-    """realuid.py's flags: the method's here, the run's (device, output, logging, checkpoints, FID) in
-    runtime.DistillFlags."""
-    dataset: str = opt("8gaussians", "8gaussians or modes-arc (built-in 2D), digits, cifar10, an image folder, or PATH.npy "
-                                     "(N x D floats or N x H x W x C uint8 images); paired (si, bridge): pairs (2D), "
-                                     "digits-sr, digits-inpaint, PATH.npz (uint8 source, target) or a folder with "
-                                     "--target-dir")
-    cond: bool = opt(False, "class-conditional generator, teacher and fake model")
-    model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
-                         "default: the teacher file's, fm for a teacher trained on the spot")
-    sigma_init: float = opt(None, "the noise level s/a at which the one-step generator denoises as the teacher "
-                                  "(SiD); default 2.5 for diffusion, and for flow matching on low-dim data (images: "
-                                  "the paper's G(z) = z + g(0, z))", type=float)
-    high_noise: float = opt(None, "fm, vp, ve: the share of distillation's noise levels drawn from [sigma_init / 5, "
-                                  "sigma_init], where the modes' masses are settled, the rest by SiD's law; default "
-                                  "0.5 on low-dim data, 0 (SiD's law) on images", type=float)
+class Method:
+    """What Algorithm 1 reads: the RealUM coefficients, the loss variant (App. A), the optimiser and the EMAs.
+    realuid.py's Config adds the teacher, the data and the run."""
     alpha: float = opt(0.92, "RealUM weight of generated data, in (0, 1] (eq. 16)")
     beta: float = opt(0.94, "RealUM weight of the generated target, in (0, 1] (eq. 16)")
     gamma: float = opt(None, "General RealUID (Def. 3): weight of the quadratic term; default: plain RealUID",
@@ -84,7 +76,6 @@ class Config(DistillFlags):
     gan_t_range: tuple = opt((0.8, 1.0), "time range of the GAN's x_t (t = 1 is data)")
     K: int = opt(5, "fake-model updates per generator update")
     lr: float = opt(3e-5, "Adam learning rate of both networks")
-    batch_size: int = opt(256, "batch size (generated and real halves each)")
     steps: int = opt(500_000, "gradient updates in all, fake and generator (K:1)")
     warmup: int = opt(500, "linear learning-rate warm-up, in each network's own updates (as the official code)")
     lr_decay: str = opt("none", "after the warm-up: none (a constant lr, the paper's) or cosine (down to 0 at "
@@ -93,47 +84,21 @@ class Config(DistillFlags):
     ema_rampup: float = opt(0.0, "EDM's EMA ramp-up: every EMA's half-life at most this times the generator's "
                                  "updates so far (0: the fixed decays, the paper's)")
     grad_clip: float = opt(1.0, "gradient-norm clipping of both networks")
-    teacher: str = opt("", "teacher checkpoint: teacher.py's, torchcfm's or the official RealUID's "
-                           "(low-dim data: trained on the spot if empty)")
-    teacher_ema: float = opt(None, "EMA decay to take from a teacher file holding several", type=float)
-    num_heads: int = opt(4, "attention heads, for teacher files that do not record them")
-    num_head_channels: int = opt(64, "channels per head (overrides --num-heads; -1: off), likewise")
-    fake_init: str = opt("random", "initialise the fake model randomly or from the teacher",
-                         choices=("random", "teacher"))
-    init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
-    init_ema: float = opt(None, "EMA decay to take from --init-generator (default: its raw generator)", type=float)
-    hidden: int = opt(256, "MLP width (low-dimensional data)")
-    teacher_steps: int = opt(None, "updates of the on-the-spot teacher (low-dim data, no --teacher); default: its "
-                                   "family's recipe, 5000 (VP with eps or score: 15000)", type=int)
 
 
-# The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a
-# laptop CPU. A flag the user gives wins over any recipe. Digits ramp their EMAs up: after 200 generator updates a
-# fixed 0.995 keeps 37 % of the teacher's one step; paired digits keep it, near the data there (matching-models.md).
-RECIPES = dict(
-    lowdim=dict(lr=3e-4, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
-                log_every=50, save_every=2000, fid_every=2000),
-    digits=dict(lr=3e-4, batch_size=64, steps=1200, warmup=100, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
-                log_every=50, save_every=600, sample_every=300, fid_samples=2000),
-    digits_pairs=dict(ema_rampup=0.0),  # on top of digits, for digits-sr and digits-inpaint
-    image={})
-
-
-FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
-SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
-HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
-DEPENDENT = dict(parameterization="gamma", lambda_gen="gan", lambda_disc="gan", gan_t_range="gan", dmd_t_max="dmd",
-                 init_ema="init_generator")  # flags that mean something only beside another
-RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", "workers", "log_every", "save_every",
-             "keep", "sample_every", "tensorboard", "fid_every", "fid_samples", "skip_nonfinite", "deterministic",
-             "resume")
-
-
-def check_config(cfg):  # the flags' ranges (runtime.check_finite), the coefficients, the other loss flags (runtime)
-    check_finite(cfg)
-    with refusing():
-        check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
-    check_loss_flags(cfg)
+def variant(cfg):
+    """The variant a config runs, as every table, plot, results.json key and progress bar names it."""
+    real = "UID" if cfg.alpha == cfg.beta == 1 else "RealUID"  # without real data, or with it
+    if cfg.dmd:
+        name = "DMD" if real == "UID" else "DMD with real data"
+    elif cfg.alpha_sid is not None:
+        name = real.replace("UID", "SiD")
+    elif cfg.normalized:
+        name = f"Normalized {real}"
+    else:
+        name = "General RealUID" if cfg.gamma is not None else real
+    # fine-tuning (App. D.2): a run of the command line started from a distilled generator (Config.init_generator)
+    return name + (" + GAN" if cfg.gan else "") + (" fine-tuned" if getattr(cfg, "init_generator", "") else "")
 
 
 # =============================================================================
@@ -888,6 +853,7 @@ class RealUID:
                  apply=clip_and_step):
         check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
         self.cfg, self.matching, self.bf16, self.draw, self.apply = cfg, matching or FlowMatching(), bf16, draw, apply
+        self.name = variant(cfg)
         self.device = next(fake.parameters()).device
         self.teacher = teacher.eval().requires_grad_(False)
         self.fake = fake.train()
@@ -1071,14 +1037,6 @@ def sample_field(net, n, shape, device, steps=None, num_classes=None, seed=0, ba
 # (ours, torchcfm's and the official RealUID code's)
 # =============================================================================
 
-def matching_spec(cfg, kind):
-    if cfg.model in ("vp", "ve"):
-        return dict(type=cfg.model, param=cfg.param or DEFAULT_PARAM[kind][cfg.model])
-    if cfg.model in ("si", "bridge"):
-        return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise)
-    return dict(type="fm")
-
-
 def teacher_step(net, optimiser, sched, ema, m, x1, y, grad_clip, bf16=False, draw=draw_all, apply=clip_and_step,
                  update=0):
     """One UM update (Def. 1, eq. 3): || u(t, x_t[, y]) - u_t(x_t | x1) ||^2, weighted as m asks; returns the
@@ -1118,27 +1076,11 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
     parts = dict(net=net, ema=ema, optimiser=optimiser, sched=sched)
     start = 0 if resume is None else restore(resume, device, **parts)
     bf16, guard = use_bf16(cfg.precision, device, spec), Guard(ranks, ["teacher"], device)
-
-    def write():
-        save_checkpoint(dict(version=VERSION, kind="teacher-state", config=config_dict(cfg),
-                             **state_of(device, sup.step, **parts)), state_path)
-    with Supervisor(prog, cfg.steps, start, os.path.dirname(os.path.abspath(path)), write if state_path else None,
-                    ranks, guard.nonfinite, cfg.skip_nonfinite, cfg.log_every, cfg.save_every, log=False, desc="teacher",
-                    saved=lambda: state_path if os.path.isfile(state_path) else None,
-                    replicas=lambda: [net, *ema.values()]) as sup:
-        source = sup.watch(batches(data, cfg.batch_size, device, cfg.seed, start, workers=cfg.workers, ranks=ranks))
-        for step in range(start, cfg.steps):
-            x1, y = next(source)
-            loss = teacher_step(net, optimiser, sched, ema, m, x1, y, cfg.grad_clip, bf16, ranks.draw, guard, step + 1)
-            if sup.after(step + 1, dict(loss=loss)):
-                raise Stopped(sup.stopped, step + 1)
-    if not ranks.main:
-        return net
-    save_checkpoint(dict(version=VERSION, kind="teacher", config=config_dict(cfg), matching=m.spec(),
-                         data=data.info(cfg.dataset), field=spec, net=net.state_dict(),
-                         ema={str(d): e.state_dict() for d, e in ema.items()}), path)
-    if data.kind == "image" and cfg.sample_steps > 0:  # what the teacher has learnt
-        teacher_grid(ema[min(ema)], f"EMA {min(ema)}", data, m, device, cfg.sample_steps, path, sample_field)
+    supervise_teacher(lambda x1, y, update: teacher_step(net, optimiser, sched, ema, m, x1, y, cfg.grad_clip, bf16,
+                                                         ranks.draw, guard, update),
+                      cfg, data, device, path, ranks, guard, parts, start, dict(matching=m.spec(), field=spec),
+                      state_path, lambda: teacher_grid(ema[min(ema)], f"EMA {min(ema)}", data, m, device,
+                                                       cfg.sample_steps, path, sample_field), prog)
     return net
 
 
@@ -1161,25 +1103,73 @@ def prepare_teacher(cfg, data, out, device, ranks=None):
 
 
 def teacher_matching(cfg, ckpt, data, path):
-    """The teacher's matching model, from its file (torchcfm's and the official files: flow matching)."""
-    spec = dict(ckpt.get("matching") or dict(type="fm"))
-    if cfg.model and cfg.model != spec["type"]:
-        raise UsageError(f"teacher {path} is a {spec['type']} model, not --model {cfg.model}")
-    given = cfg.sigma_init is not None
-    if spec["type"] in ("vp", "ve") or (spec["type"] == "fm" and (given or data.kind == "lowdim")):
-        spec["sigma_init"] = cfg.sigma_init if given else SIGMA_INIT
-        spec["high"] = cfg.high_noise if cfg.high_noise is not None else HIGH_NOISE if data.kind == "lowdim" else 0.0
-    elif cfg.high_noise:  # no noise level to draw below: si, bridge, and the paper's z + g(0, z) of fm on images
-        raise UsageError("--high-noise needs --sigma-init on images" if spec["type"] == "fm" else
-                         f"--high-noise applies to fm, vp and ve (a generator at a noise level), not {spec['type']}")
+    """The distillation's matching model: the teacher file's family with SiD's generator noise level and the top
+    band where they apply (runtime.distill_matching_spec)."""
     with refusing():
-        matching = matching_model(spec)
+        matching = matching_model(distill_matching_spec(cfg, ckpt, data, path, SIGMA_INIT, HIGH_NOISE))
+    kind = matching.spec()["type"]
     if matching.coupled != data.coupled:
-        raise UsageError(f"{spec['type']} {'needs' if matching.coupled else 'cannot use'} data-to-data pairs "
+        raise UsageError(f"{kind} {'needs' if matching.coupled else 'cannot use'} data-to-data pairs "
                          f"(--dataset pairs), and {cfg.dataset} {'is' if data.coupled else 'is not'} paired")
     if cfg.dmd and matching.score is None:
-        raise UsageError(f"--dmd needs a score, which {spec['type']} does not define; use fm, vp or ve")
+        raise UsageError(f"--dmd needs a score, which {kind} does not define; use fm, vp or ve")
     return matching
+
+
+# =============================================================================
+# The command line's config: Method, the teacher, the data and the run (runtime.DistillFlags); recipes per data
+# =============================================================================
+
+@dataclass
+class Config(Method, DistillFlags):
+    """realuid.py's flags: the method's (Method), the teacher's and the data's here, the run's (device, output,
+    logging, checkpoints, FID) in runtime.DistillFlags."""
+    dataset: str = opt("8gaussians", "8gaussians, modes-arc, checkerboard (2D), digits, cifar10, an image folder, "
+                                     "PATH.npy (N x D floats, N x H x W x C uint8); paired (si, bridge): pairs (2D), "
+                                     "digits-sr, digits-inpaint, PATH.npz (uint8 source, target), a folder with "
+                                     "--target-dir")
+    cond: bool = opt(False, "class-conditional generator, teacher and fake model")
+    model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
+                         "default: the teacher file's, fm for a teacher trained on the spot")
+    sigma_init: float = opt(None, "the noise level s/a at which G denoises as the teacher (SiD); default 2.5 for "
+                                  "diffusion and low-dim flow matching (images: the paper's z + g(0, z))", type=float)
+    high_noise: float = opt(None, "fm, vp, ve: the share of distillation's noise levels drawn from [sigma_init / 5, "
+                                  "sigma_init], where the modes' masses are settled, the rest by SiD's law; default "
+                                  "0.5 on low-dim data, 0 (SiD's law) on images", type=float)
+    batch_size: int = opt(256, "batch size (generated and real halves each)")
+    teacher: str = opt("", "teacher file: teacher.py's, torchcfm's, the official code's (2D: trained on the spot)")
+    teacher_ema: float = opt(None, "EMA decay to take from a teacher file holding several", type=float)
+    num_heads: int = opt(4, "attention heads, for teacher files that do not record them")
+    num_head_channels: int = opt(64, "channels per head (overrides --num-heads; -1: off), likewise")
+    fake_init: str = opt("random", "initialise the fake model randomly or from the teacher",
+                         choices=("random", "teacher"))
+    init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
+    init_ema: float = opt(None, "EMA decay to take from --init-generator (default: its raw generator)", type=float)
+    hidden: int = opt(256, "MLP width (low-dimensional data)")
+    teacher_steps: int = opt(None, "updates of the on-the-spot teacher (low-dim data, no --teacher); default: its "
+                                   "family's recipe, 5000 (VP with eps or score: 15000)", type=int)
+
+
+# The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a
+# laptop CPU. A flag the user gives wins over any recipe. Digits ramp their EMAs up: after 200 generator updates a
+# fixed 0.995 keeps 37 % of the teacher's one step; paired digits keep it, near the data there (matching-models.md).
+RECIPES = dict(
+    lowdim=dict(lr=3e-4, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
+                log_every=50, save_every=2000, fid_every=2000),
+    digits=dict(lr=3e-4, batch_size=64, steps=1200, warmup=100, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
+                log_every=50, save_every=600, sample_every=300, fid_samples=2000),
+    digits_pairs=dict(ema_rampup=0.0),  # on top of digits, for digits-sr and digits-inpaint
+    image={})
+
+
+FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
+SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
+HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
+FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f in fields(Method)] + [
+    "batch_size", "sigma_init", "high_noise", "fake_init", "init_generator", "init_ema"]),
+               ("the teacher", ("model", "teacher", "teacher_ema", "teacher_steps", "hidden", "num_heads",
+                                "num_head_channels")),
+               ("data", DATA_FLAGS), ("model selection and the closing scores", SELECTION_FLAGS))
 
 
 # =============================================================================
@@ -1188,22 +1178,21 @@ def teacher_matching(cfg, ckpt, data, path):
 
 def main(argv=None):
     p = parser_from_dataclass(Config, "RealUID distillation of a matching-model teacher into a one-step "
-                                      "generator (Kornilov et al., ICLR 2026).", "realuid.py")
+                                      "generator (Kornilov et al., ICLR 2026).", "realuid.py",
+                              FLAG_GROUPS)
     user = vars(p.parse_args(argv))
     created = None
     try:
-        check_dependent(user, DEPENDENT)
+        check_dependent(user, DISTILL_DEPENDENT)
         resume = None
         if user.get("resume"):
-            resume, user = resumed_run(user, RESUMABLE, "generator", "realuid.py", init_generator="")
+            resume, user = resumed_run(user, DISTILL_RESUMABLE, "generator", "realuid.py", init_generator="")
         cfg, data = resolve_config(Config, user, RECIPES, FINETUNE_RECIPE if user.get("init_generator") else {})
-        check_config(cfg)
-        check_batch_size(cfg.batch_size, data)
-        ranks, device = init_ranks(cfg.device)
-        check_world(cfg.batch_size, ranks)
-        set_precision(cfg.precision, device, cfg.deterministic)
-        out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset.rstrip("/")))[0])
-        created = new_folder(out)
+        check_finite(cfg)
+        with refusing():
+            check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
+        check_loss_flags(cfg)
+        ranks, device, out, created = open_run(cfg, data)
         torch.manual_seed(cfg.seed)
         teacher, teacher_ckpt = prepare_teacher(cfg, data, out, device, ranks)
         matching = teacher_matching(cfg, teacher_ckpt, data, cfg.teacher or os.path.join(out, "teacher.pt"))
@@ -1236,8 +1225,8 @@ def main(argv=None):
     say = print if ranks.main else lambda *a: None
     if ranks.main:
         save_json(config_dict(cfg), os.path.join(out, "arguments.json"))
-    say(f"realuid: {cfg.dataset} ({len(data)} items), alpha={cfg.alpha} beta={cfg.beta} K={cfg.K}, updates "
-        f"{state.step}..{cfg.steps} on {device}{f' x {ranks.world} ranks' if ranks.world > 1 else ''}, "
+    say(f"realuid: {state.name} on {cfg.dataset} ({len(data)} items), alpha={cfg.alpha} beta={cfg.beta} "
+        f"K={cfg.K}, updates {state.step}..{cfg.steps} on {device}{f' x {ranks.world} ranks' if ranks.world > 1 else ''}, "
         f"{'bf16' if state.bf16 else 'fp32'}, {count_parameters(g)} generator parameters -> {out}")
     t0 = time.time()
     grids = grid_writer(out, data, device, generate) if data.kind == "image" else None
@@ -1250,13 +1239,8 @@ def main(argv=None):
     if stopped:
         return stopped_by(stopped, state.step, "checkpoint saved", out, say)
     say(f"distillation took {time.time() - t0:.0f} s; checkpoints in {out}")
-    if scorer and ranks.main:
-        print(f"model selection: {scorer.summary()}")
-    if data.kind == "lowdim" and ranks.main:
-        report_lowdim(state, data, out, device, generate, cfg.seed)
-    elif data.coupled and ranks.main:
-        report_paired(state, data, cfg.dataset, out, device, generate, load_field, scorer and scorer.fid, cfg.seed,
-                      cfg.eval_samples, picks=scorer is not None)
+    if ranks.main:
+        closing_report(state, data, cfg, out, device, generate, load_field, scorer)
     return 0
 
 

@@ -61,19 +61,29 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
-def parser_from_dataclass(cls, description, prog):
-    p = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    own = cls.__dict__.get("__annotations__", {})  # the class's own flags first, the inherited run flags after
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
+def parser_from_dataclass(cls, description, prog, groups=()):
+    """argparse from a config dataclass, its flags under headings: groups is ((title, field names), ...), and the
+    fields no group names come last, under "the run"."""
+    p = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+               usage=f"python {prog} [--flag VALUE ...]")
+    place = {name: (i, j) for i, (_, names) in enumerate(groups) for j, name in enumerate(names)}
+    sections = [p.add_argument_group(title) for title in [t for t, _ in groups] + ["the run"]]
+    for f in sorted(dataclasses.fields(cls), key=lambda f: place.get(f.name, (len(groups), 0))):
         flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
-        helptext = f"{meta.pop('help', '')} (default: {f.default})"
+        helptext, section = f"{meta.pop('help', '')} (default: {f.default})", sections[place.get(f.name, (-1,))[0]]
         if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", help=helptext)
+            section.add_argument(flag, action="store_true", help=helptext)
         elif isinstance(f.default, tuple):
-            p.add_argument(flag, help=helptext, nargs=meta.pop("nargs", "+"), type=meta.pop("type", float), **meta)
+            section.add_argument(flag, help=helptext, nargs=meta.pop("nargs", "+"), type=meta.pop("type", float),
+                                 **meta)
         else:
-            p.add_argument(flag, type=meta.pop("type", type(f.default)), help=helptext, **meta)
+            section.add_argument(flag, type=meta.pop("type", type(f.default)), help=helptext, **meta)
     return p
+
+
+# The headings of the flags that RunFlags, DistillFlags and TeacherConfig hold (parser_from_dataclass's groups)
+DATA_FLAGS = ("dataset", "cond", "resolution", "data_root", "target_dir")
+SELECTION_FLAGS = ("fid_every", "fid_samples", "fid_ref", "fid_features", "eval_samples")
 
 
 @dataclass
@@ -118,12 +128,20 @@ class DistillFlags(RunFlags):
                                          "(a teacher.pt; not comparable to published FIDs)")
 
 
+# realuid.py's flags that mean something only beside another, and those a --resume may change
+DISTILL_DEPENDENT = dict(parameterization="gamma", lambda_gen="gan", lambda_disc="gan", gan_t_range="gan",
+                         dmd_t_max="dmd", init_ema="init_generator")
+DISTILL_RESUMABLE = ("steps", "out", "device", "precision", "channels_last", "compile", "workers", "log_every",
+                     "save_every", "keep", "sample_every", "tensorboard", "fid_every", "fid_samples", "skip_nonfinite",
+                     "deterministic", "resume")
+
+
 @dataclass
 class TeacherConfig(RunFlags):
     """teacher.py's flags (and those of a teacher trained on the spot). Defaults: torchcfm's CIFAR-10 recipe."""
-    dataset: str = opt("8gaussians", "8gaussians or modes-arc (built-in 2D), digits, cifar10, an image folder, "
-                                     "or PATH.npy; paired (si, bridge): pairs, digits-sr, digits-inpaint, PATH.npz, "
-                                     "or a folder with --target-dir")
+    dataset: str = opt("8gaussians", "8gaussians, modes-arc or checkerboard (built-in 2D), digits, cifar10, an "
+                                     "image folder, or PATH.npy; paired (si, bridge): pairs, digits-sr, "
+                                     "digits-inpaint, PATH.npz, or a folder with --target-dir")
     cond: bool = opt(False, "class-conditional teacher")
     model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
                            "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
@@ -174,6 +192,15 @@ def teacher_recipes(model, param=""):
     family = {kind: (model or "fm", param or DEFAULT_PARAM[kind].get(model, "")) for kind in TEACHER_RECIPES}
     return {kind: recipe | FAMILY_TEACHER_RECIPES.get((kind, *family[kind]), {})
             for kind, recipe in TEACHER_RECIPES.items()}
+
+
+def matching_spec(cfg, kind):
+    """The matching model's spec that a teacher's flags ask for (realuid.matching_model builds it)."""
+    if cfg.model in ("vp", "ve"):
+        return dict(type=cfg.model, param=cfg.param or DEFAULT_PARAM[kind][cfg.model])
+    if cfg.model in ("si", "bridge"):
+        return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise)
+    return dict(type="fm")
 
 
 DATA_FIELDS = ("dataset", "cond", "seed", "eval_samples", "resolution", "data_root", "target_dir")  # load_data's
@@ -482,6 +509,18 @@ def check_world(batch_size, ranks):
     if batch_size % ranks.world:
         raise UsageError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
                          f"{ranks.world} ranks")
+
+
+def open_run(cfg, data):
+    """What a training script does before its first update, past the flags: the batch size checked against the
+    data and the ranks, the device and its precision, the output folder (default runs/<dataset>) made.
+    Returns (ranks, device, out, created): created is the topmost folder made, which a refused run takes away."""
+    check_batch_size(cfg.batch_size, data)
+    ranks, device = init_ranks(cfg.device)
+    check_world(cfg.batch_size, ranks)
+    set_precision(cfg.precision, device, getattr(cfg, "deterministic", False))
+    out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset.rstrip("/")))[0])
+    return ranks, device, out, new_folder(out)
 
 
 class NonFinite:
@@ -798,12 +837,43 @@ def check_teacher_data(path, ckpt, data):
                          f"{'drop' if data.num_classes is None else 'add'} --cond or use another teacher")
 
 
+def distill_matching_spec(cfg, ckpt, data, path, sigma_init, high_noise):
+    """realuid.py's matching-model spec: the teacher file's (none, as in torchcfm's and the official files: flow
+    matching), with the generator's noise level (--sigma-init, default sigma_init) and the share of the top band
+    (--high-noise, default high_noise on low-dim data, 0 on images) for diffusion, and for flow matching on low-dim
+    data or given --sigma-init."""
+    spec = dict(ckpt.get("matching") or dict(type="fm"))
+    if cfg.model and cfg.model != spec["type"]:
+        raise UsageError(f"teacher {path} is a {spec['type']} model, not --model {cfg.model}")
+    given = cfg.sigma_init is not None
+    if spec["type"] in ("vp", "ve") or (spec["type"] == "fm" and (given or data.kind == "lowdim")):
+        spec["sigma_init"] = cfg.sigma_init if given else sigma_init
+        spec["high"] = cfg.high_noise if cfg.high_noise is not None else high_noise if data.kind == "lowdim" else 0.0
+    elif cfg.high_noise:  # no noise level to draw below: si, bridge, and the paper's z + g(0, z) of fm on images
+        raise UsageError("--high-noise needs --sigma-init on images" if spec["type"] == "fm" else
+                         f"--high-noise applies to fm, vp and ve (a generator at a noise level), not {spec['type']}")
+    return spec
+
+
+# Where a CIFAR-10 teacher comes from: torchcfm publishes its unconditional ones (release 1.0.4 of
+# atong01/conditional-flow-matching, 400k updates; the paper distils the otcfm one), read as they are
+TEACHER_NEEDED = {
+    ("cifar10", False): "cifar10 needs --teacher PATH: torchcfm's published CIFAR-10 teacher "
+                        "otcfm_cifar10_weights_step_400000.pt (release 1.0.4 of atong01/conditional-flow-matching) "
+                        "loads as it is: --teacher otcfm_cifar10_weights_step_400000.pt; or train one with: "
+                        "python teacher.py --dataset cifar10",
+    ("cifar10", True): "cifar10 --cond needs --teacher PATH: torchcfm publishes no class-conditional CIFAR-10 "
+                       "teacher (the paper's was trained by its authors); train one with: python teacher.py "
+                       "--dataset cifar10 --cond, or pass a torchcfm UNet file with a label embedding "
+                       "(num_classes=10)"}
+
+
 def spot_teacher(cfg, data, out, device, ranks, train):
     """realuid.py without --teacher (low-dim data): the output folder's teacher.pt, trained there on the spot with
     the family's recipe by train (realuid.train_teacher) unless it holds one of this data and family; its path."""
     if data.kind != "lowdim":
-        raise UsageError(f"{cfg.dataset} needs --teacher PATH (train one with: python teacher.py "
-                         f"--dataset {cfg.dataset})")
+        raise UsageError(TEACHER_NEEDED.get((cfg.dataset, cfg.cond), f"{cfg.dataset} needs --teacher PATH (train one "
+                                            f"with: python teacher.py --dataset {cfg.dataset}{' --cond' * cfg.cond})"))
     path, model = os.path.join(out, "teacher.pt"), cfg.model or "fm"
     have = load_checkpoint(path) if os.path.isfile(path) else {}
     cached = have.get("data") == data.info(cfg.dataset) and (have.get("matching") or {}).get("type", "fm") == model
@@ -1018,9 +1088,35 @@ def supervise(loop, state, batches, out=None, meta=None, sample_fn=None, score_f
                     sample=sample_fn and (lambda step: sample_fn(state, step)), sample_every=cfg.sample_every,
                     score=score_fn and (lambda step: score_fn(state, step)), score_every=cfg.fid_every,
                     replicas=lambda: [state.generator, state.fake, *state.ema.values()],
-                    lr=lambda: state.sched_gen.get_last_lr()[0], desc="RealUID") as sup:
+                    lr=lambda: state.sched_gen.get_last_lr()[0], desc=state.name) as sup:
         loop(state, sup.watch(batches), sup.after)
     return sup.stopped
+
+
+def supervise_teacher(step, cfg, data, device, path, ranks, guard, parts, start, meta, state_path=None, grid=None,
+                      prog="teacher.py"):
+    """realuid.train_teacher's loop under a Supervisor: step(x1, y, update) -> loss, for the updates after start up to
+    cfg.steps. With state_path the whole training state (parts) is saved there every cfg.save_every updates and when
+    SIGINT or SIGTERM arrives, which then raises Stopped. At the end rank 0 writes the teacher file at path (meta:
+    its matching model's and network's specs) and, for images, grid() its sample grid."""
+    def write():
+        save_checkpoint(dict(version=VERSION, kind="teacher-state", config=config_dict(cfg),
+                             **state_of(device, sup.step, **parts)), state_path)
+    with Supervisor(prog, cfg.steps, start, os.path.dirname(os.path.abspath(path)), write if state_path else None,
+                    ranks, guard.nonfinite, cfg.skip_nonfinite, cfg.log_every, cfg.save_every, log=False, desc="teacher",
+                    saved=lambda: state_path if os.path.isfile(state_path) else None,
+                    replicas=lambda: [parts["net"], *parts["ema"].values()]) as sup:
+        source = sup.watch(batches(data, cfg.batch_size, device, cfg.seed, start, workers=cfg.workers, ranks=ranks))
+        for update in range(start + 1, cfg.steps + 1):
+            loss = step(*next(source), update)
+            if sup.after(update, dict(loss=loss)):
+                raise Stopped(sup.stopped, update)
+    if ranks.main:
+        save_checkpoint(dict(version=VERSION, kind="teacher", config=config_dict(cfg), matching=meta["matching"],
+                             data=data.info(cfg.dataset), field=meta["field"], net=parts["net"].state_dict(),
+                             ema={str(d): e.state_dict() for d, e in parts["ema"].items()}), path)
+        if data.kind == "image" and cfg.sample_steps > 0 and grid:  # what the teacher has learnt
+            grid()
 
 
 def stopped_by(signum, step, saved, out, say=print):
@@ -1139,17 +1235,45 @@ class Mixture:
                 float(share[-1]) if self.arc else None)
 
 
+class Checkerboard:
+    """A built-in 2D law of sharp edges: uniform on the filled squares of a board (side squares of size side /
+    squares, the corner square filled). Its parts are the squares; a point is in a part inside the square."""
+    arc = None
+
+    def __init__(self, squares=4, side=8.0):
+        self.size = side / squares
+        ij = [(i, j) for i in range(squares) for j in range(squares) if (i + j) % 2 == 0]
+        self.centres = (np.array(ij, dtype=np.float64) + 0.5) * self.size - side / 2
+        self.weights = np.full(len(ij), 1 / len(ij))
+
+    def __len__(self):
+        return len(self.weights)
+
+    def sample(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(len(self), (n,), generator=g)
+        u = torch.rand(n, 2, generator=g) - 0.5
+        return torch.tensor(self.centres, dtype=torch.float32)[y] + self.size * u, y
+
+    def coverage(self, x):
+        """As Mixture.coverage, the parts being the squares (exact samples: every point in one)."""
+        d = np.abs(np.asarray(x, dtype=np.float64)[:, None, :] - self.centres[None]).max(2)  # L-inf to each centre
+        inside = d.min(1) <= self.size / 2
+        share = np.bincount(d.argmin(1)[inside], minlength=len(self)) / (self.weights * len(d))
+        return int((share >= 0.5).sum()), float(inside.mean()), float(share.min()), None
+
+
 def ring(k, radius):
     angle = torch.arange(k) * (2 * math.pi / k)
     return radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
 
 
 # The default: 8 equal modes on a circle. modes-arc: 6 tight modes of weights 30% down to 5% and a thin arc
-# (13%) inside them, so that nothing is tuned to one picture.
+# (13%) inside them; checkerboard: sharp edges and a uniform density, so that nothing is tuned to one picture.
 EIGHT_GAUSSIANS = Mixture(ring(8, 4.0), 0.4, [1 / 8] * 8)
 MODES_ARC = Mixture(ring(6, 4.0), 0.15, [0.30, 0.20, 0.15, 0.10, 0.07, 0.05],
                     arc=(2.0, 1.1 * math.pi, 1.9 * math.pi, 0.05, 0.13))
-MIXTURES = {"8gaussians": EIGHT_GAUSSIANS, "modes-arc": MODES_ARC}
+MIXTURES = {"8gaussians": EIGHT_GAUSSIANS, "modes-arc": MODES_ARC, "checkerboard": Checkerboard()}
 
 
 def gaussian_pairs(n, seed):
@@ -1386,7 +1510,7 @@ def load_data(cfg):
         files = list_images(name)
         data = Data(files=files, resolution=res or own_size(files, name), kind="image", recipe="image", flip=True)
     else:
-        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, modes-arc, pairs, digits, digits-sr, "
+        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, modes-arc, checkerboard, pairs, digits, digits-sr, "
                          f"digits-inpaint, cifar10, a folder of images (with --target-dir: paired), a .npy file "
                          f"(N x D floats or N x H x W x C uint8) or a .npz of uint8 source and target images")
     if data.kind == "image" and min(data.shape()[1:]) % 8:
@@ -1434,10 +1558,14 @@ def worker_errors(loader):
             except StopIteration:
                 return
             except UsageError as e:
-                raise UsageError(str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
+                message = str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]
+                break
             yield batch
     finally:
         del it  # the loader processes stop now, not when a traceback that holds this frame is let go
+    # raised outside the except clause: a chained exception's traceback would hold the loader's iterator, whose
+    # processes would then be stopped by a garbage collection, each after a 5 s wait
+    raise UsageError(message) from None
 
 
 def batches(data, batch_size, device, seed=0, start=0, workers=2, ranks=None):
@@ -1559,6 +1687,24 @@ def energy_distance(x, y):
     return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
 
 
+def precision_recall(x, real, k=5):
+    """Improved precision and recall (Kynkaanniemi et al., NeurIPS 2019): the share of the points x inside the
+    k-nearest-neighbour ball of some real point (precision: x lies where the data do), and the share of the real
+    points inside such a ball of some point of x (recall: the data are covered). A ball's radius is the distance
+    to the k-th nearest other point of its own set."""
+    from scipy.spatial import cKDTree
+
+    def inside(points, ref):
+        tree = cKDTree(ref)
+        radius = tree.query(ref, k + 1)[0][:, -1]  # k + 1: a point is its own nearest neighbour
+        found = cKDTree(points).query_ball_point(ref, radius)
+        hit = np.zeros(len(points), bool)
+        hit[np.concatenate([np.asarray(i, dtype=np.int64) for i in found])] = True
+        return float(hit.mean())
+    x, real = np.asarray(x, dtype=np.float64), np.asarray(real, dtype=np.float64)
+    return inside(x, real), inside(real, x)
+
+
 def to_data_units(x, data_info):
     """Undo the standardisation of low-dimensional data."""
     if data_info.get("mean") is not None:
@@ -1599,9 +1745,13 @@ class HeldOut:
         return sets
 
     def metrics(self, sets):
-        """W2 and energy distance, each the mean over the point sets; mode coverage of their union."""
-        out = {k: float(np.mean([f(pts, self.real) for pts in sets]))
-               for k, f in (("w2", w2_distance), ("energy", energy_distance))}
+        """W2, energy distance, improved precision and recall (k = 5), each the mean over the point sets with its
+        spread (key_sd: the standard deviation over them); mode coverage of their union."""
+        out = {}
+        for key, values in zip(("w2", "energy", "precision", "recall"), zip(*[
+                (w2_distance(pts, self.real), energy_distance(pts, self.real), *precision_recall(pts, self.real))
+                for pts in sets])):
+            out[key], out[f"{key}_sd"] = float(np.mean(values)), float(np.std(values))
         if self.data.modes is not None:
             pts = np.concatenate(sets)
             x = pts[:, -self.dim:]
@@ -1628,20 +1778,22 @@ def report_lowdim(state, data, out, device, generate, seed=0):
             "teacher, 1 step": held.sample(state.teacher, 1),
             "teacher, 100 steps": held.sample(state.teacher, 100),
             "generator's start, 1 step": held.sample(state.teacher),  # G begins as the teacher's one-step form
-            "RealUID generator, 1 step": held.sample(state.generator.g)}
+            f"{state.name} generator, 1 step": held.sample(state.generator.g)}
     for decay, net in state.ema.items():
-        rows[f"RealUID EMA {decay}, 1 step"] = held.sample(net)
+        rows[f"{state.name} EMA {decay}, 1 step"] = held.sample(net)
     results = {name: held.metrics(sets) for name, sets in rows.items()}
     columns = [c for c in ("modes", "min_share", "arc_share", "in_mode", "paired") if c in results["teacher, 1 step"]]
-    print(f"\n{'model':<30} {'W2':>8} {'energy':>8}" + "".join(f" {c.replace('_', '-'):>8}" for c in columns)
-          + f"   (to {held.n} held-out real {'pairs' if data.coupled else 'points'}; mean of {held.draws} draws)")
+    print(f"\n{'model':<30} {'W2':>13} {'energy':>8} {'precision':>13} {'recall':>13}"
+          + "".join(f" {c.replace('_', '-'):>8}" for c in columns) + f"   (to {held.n} held-out real "
+          f"{'pairs' if data.coupled else 'points'}; mean and spread of {held.draws} draws)")
     for name, r in results.items():
-        print(f"{name:<30} {r['w2']:8.4f} {r['energy']:8.4f}" + "".join(
+        print(f"{name:<30} {r['w2']:7.4f}±{r['w2_sd']:.3f} {r['energy']:8.4f}" + "".join(
+            f" {r[k]:7.3f}±{r[k + '_sd']:.3f}" for k in ("precision", "recall")) + "".join(
             f" {r[c]:>6}/{len(data.modes.centres)}" if c == "modes" else f" {r[c]:8.3f}" for c in columns))
     save_json(results, os.path.join(out, "results.json"))
     if held.dim >= 2:
         plot_points(held.real[:, -held.dim:], {k: v[0][:, -held.dim:] for k, v in rows.items()}, results,
-                    os.path.join(out, "samples.png"))
+                    os.path.join(out, "samples.png"), list(rows)[4:])
         print(f"\nscatter plot of real and generated points: {os.path.join(out, 'samples.png')}")
     return results
 
@@ -1668,8 +1820,8 @@ def report_paired(state, data, task, out, device, generate, load_field, fid=None
     picks, model selection's best-<net>.pt files restore the first n held-out sources (all by default); their
     PSNR, consistency and FID, a results.json and a grid of the first 16."""
     nets = {"teacher, 1 step": (state.teacher, 1), "teacher, 100 steps": (state.teacher, 100),
-            "RealUID generator, 1 step": (state.generator.g, None),
-            **{f"RealUID EMA {d}, 1 step": (net, None) for d, net in state.ema.items()}}
+            f"{state.name} generator, 1 step": (state.generator.g, None),
+            **{f"{state.name} EMA {d}, 1 step": (net, None) for d, net in state.ema.items()}}
     for name in sorted(os.listdir(out) if picks else []):
         if name.startswith("best-") and name.endswith(".pt"):
             nets[f"{name} (update {load_checkpoint(os.path.join(out, name))['step']})"] = (
@@ -1694,10 +1846,21 @@ def report_paired(state, data, task, out, device, generate, load_field, fid=None
     return results
 
 
-def plot_points(real, rows, results, path):
-    """Real points beside the teacher at 1 and 100 steps and the best one-step generator."""
+def closing_report(state, data, cfg, out, device, generate, load_field, scorer=None):
+    """After a distillation (rank 0): model selection's picks, then the closing table of low-dim or paired data."""
+    if scorer:
+        print(f"model selection: {scorer.summary()}")
+    if data.kind == "lowdim":
+        report_lowdim(state, data, out, device, generate, cfg.seed)
+    elif data.coupled:
+        report_paired(state, data, cfg.dataset, out, device, generate, load_field, scorer and scorer.fid, cfg.seed,
+                      cfg.eval_samples, picks=scorer is not None)
+
+
+def plot_points(real, rows, results, path, candidates):
+    """Real points beside the teacher at 1 and 100 steps and the best of the candidate one-step nets."""
     plt = pyplot()
-    best = min((name for name in rows if name.startswith("RealUID")), key=lambda name: results[name]["w2"])
+    best = min(candidates, key=lambda name: results[name]["w2"])
     names = ["real (held out)", "teacher, 1 step", "teacher, 100 steps", best]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), sharex=True, sharey=True)
     for ax, name in zip(axes, names):
@@ -1933,9 +2096,10 @@ class ModelSelection:
         self.cfg, self.out, self.meta, self.device, self.ranks = cfg, out, meta, device, ranks or Ranks()
         self.fid = None
         self.shape, self.num_classes = tuple(data.shape()), data.num_classes
-        if data.kind == "lowdim":
+        if data.kind == "lowdim":  # selected by W2; precision and recall logged beside it
             self.metric, held = "w2", HeldOut(data, generate, matching, device, cfg.seed)
-            self.score = lambda net: held.metrics(held.sample(net))["w2"]
+            self.scores = lambda net: {k: v for k, v in held.metrics(held.sample(net)).items()
+                                       if k in ("w2", "precision", "recall")}
         else:
             self.metric = "fid"
             ref = cfg.fid_ref or ("cifar10" if cfg.dataset == "cifar10" else cfg.dataset)
@@ -1945,7 +2109,7 @@ class ModelSelection:
                       load_field=load_field)
             if self.ranks.main:
                 print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
-            self.score = lambda net: fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching)
+            self.scores = lambda net: dict(fid=fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching))
             self.fid = fid
         self.best = {}  # a fresh run overwrites older best files; a resumed one keeps its best scores
         for name in os.listdir(out) if resumed else []:
@@ -1959,7 +2123,9 @@ class ModelSelection:
         nets = {"generator": state.generator.g, **{str(d): net for d, net in state.ema.items()}}
         row = {}
         for name, net in nets.items():
-            row[f"{self.metric}/{name}"] = value = self.score(net)
+            scores = self.scores(net)
+            row |= {f"{k}/{name}": v for k, v in scores.items()}
+            value = scores[self.metric]
             if value < self.best.get(name, math.inf) and self.ranks.main:
                 try:
                     save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(self.cfg), **self.meta,

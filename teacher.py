@@ -19,18 +19,24 @@ import sys
 import time
 
 from realuid import build_field, train_teacher
-from runtime import (Diverged, Stopped, TeacherConfig, UsageError, check_batch_size, check_world, count_parameters,
-                     default_field_spec, failed, finish, init_ranks, new_folder, parser_from_dataclass, resolve_config,
-                     resumed_run, set_precision, stopped_by, teacher_recipes)
+from runtime import (DATA_FLAGS, Diverged, Stopped, TeacherConfig, UsageError, count_parameters, default_field_spec,
+                     failed, finish, open_run, parser_from_dataclass, resolve_config, resumed_run, stopped_by,
+                     teacher_recipes)
 
 
 RESUMABLE = ("steps", "out", "device", "precision", "workers", "log_every", "save_every", "skip_nonfinite",
              "sample_steps", "resume")
+FLAG_GROUPS = (("the matching model", ("model", "param", "sigma", "source_noise")),
+               ("training (torchcfm's CIFAR-10 recipe)", ("lr", "batch_size", "steps", "warmup", "ema", "grad_clip")),
+               ("the network", ("channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
+                                "num_head_channels", "dropout", "hidden")),
+               ("data", DATA_FLAGS))
 
 
 def main(argv=None):
     p = parser_from_dataclass(TeacherConfig, "Train a matching-model teacher (flow matching, diffusion, "
-                                             "bridge matching, interpolants) for realuid.py.", "teacher.py")
+                                             "bridge matching, interpolants) for realuid.py.", "teacher.py",
+                              FLAG_GROUPS)
     user = vars(p.parse_args(argv))
     out, created, resume = None, None, None
     try:
@@ -40,12 +46,7 @@ def main(argv=None):
         if resume is not None and resume["step"] > cfg.steps:
             raise UsageError(f"the saved teacher has made {resume['step']} updates already; --steps {cfg.steps} "
                              f"would go back")
-        check_batch_size(cfg.batch_size, data)
-        ranks, device = init_ranks(cfg.device)
-        check_world(cfg.batch_size, ranks)
-        set_precision(cfg.precision, device)
-        out = cfg.out or os.path.join("runs", os.path.splitext(os.path.basename(cfg.dataset.rstrip("/")))[0])
-        created = new_folder(out)
+        ranks, device, out, created = open_run(cfg, data)
     except UsageError as e:
         return failed("teacher.py", e, created)
     path = os.path.join(out, "teacher.pt")

@@ -601,7 +601,7 @@ def test_general_realuid_with_gamma_alpha_trains_like_realuid():
                                    ["--alpha", "1", "--beta", "0.9", "--gamma", "0.5"], ["--normalized"],
                                    ["--gan", "--lambda-gen", "0.5"], ["--dmd", "--alpha", "0.9", "--beta", "0.9"]])
 def test_variants_run_end_to_end_on_2d(flags, tiny_run, tmp_path):
-    assert R.main(["--teacher", str(tiny_run / "teacher.pt"), "--steps", "24", "--eval-samples", "500",
+    assert R.main(["--teacher", str(tiny_run / "teacher.pt"), "--steps", "24", "--eval-samples", "100",
                    "--out", str(tmp_path)] + flags) == 0
     ckpt = torch.load(RT.latest_checkpoint(str(tmp_path)), weights_only=True)
     assert ckpt["step"] == 24 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
@@ -622,18 +622,59 @@ VARIANTS = [[], ["--alpha", "1", "--beta", "1"], ["--gamma", "0.5", "--parameter
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
-    assert teacher_py.main(["--dataset", "digits", "--cond", "--steps", "2", "--batch-size", "8", "--out", str(out)]
-                           + TINY_UNET) == 0
+    assert teacher_py.main(["--dataset", "digits", "--resolution", "8", "--cond", "--steps", "2", "--batch-size", "8",
+                            "--out", str(out)] + TINY_UNET) == 0  # 8 x 8: the mechanism, in a quarter of the pixels
     return out / "teacher.pt"
 
 
 @pytest.mark.parametrize("flags", VARIANTS)
 def test_every_variant_runs_on_digits(flags, digits_teacher, tmp_path):
-    assert R.main(["--dataset", "digits", "--cond", "--teacher", str(digits_teacher), "--steps", "6", "--K", "2",
-                   "--batch-size", "8", "--out", str(tmp_path)] + flags) == 0
+    assert R.main(["--dataset", "digits", "--resolution", "8", "--cond", "--teacher", str(digits_teacher), "--steps",
+                   "6", "--K", "2", "--batch-size", "8", "--out", str(tmp_path)] + flags) == 0
     ckpt = torch.load(RT.latest_checkpoint(str(tmp_path)), weights_only=True)
     assert ckpt["step"] == 6 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
     assert ("disc" in ckpt) == ("--gan" in flags)
+
+
+@pytest.mark.parametrize("flags,name", [
+    (dict(), "RealUID"), (dict(alpha=1.0, beta=1.0), "UID"), (dict(alpha=0.9, beta=0.9), "RealUID"),
+    (dict(gamma=0.5), "General RealUID"), (dict(alpha_sid=1.2), "RealSiD"), (dict(alpha=1.0, beta=1.0, alpha_sid=0.5),
+                                                                             "SiD"),
+    (dict(normalized=True), "Normalized RealUID"), (dict(alpha=1.0, beta=1.0, normalized=True), "Normalized UID"),
+    (dict(alpha=1.0, beta=1.0, dmd=True), "DMD"), (dict(alpha=0.9, beta=0.9, dmd=True), "DMD with real data"),
+    (dict(alpha=1.0, beta=1.0, gan=True), "UID + GAN"), (dict(gan=True), "RealUID + GAN"),
+    (dict(init_generator="g.pt"), "RealUID fine-tuned"), (dict(alpha=1.0, beta=1.0, init_generator="g.pt"),
+                                                         "UID fine-tuned")])
+def test_every_output_names_the_variant_that_ran(flags, name):
+    assert R.variant(R.Config(**flags)) == name
+    if "init_generator" not in flags:  # the method's own config names it alike
+        assert R.variant(R.Method(**flags)) == name
+
+
+def test_a_uid_run_says_uid_everywhere_as_a_script(tmp_path):
+    # python realuid.py --alpha 1 --beta 1 once printed "RealUID generator, 1 step" and titled its plot so
+    out = subprocess.run([sys.executable, os.path.join(HERE, "realuid.py"), "--alpha", "1", "--beta", "1", "--steps",
+                          "12", "--teacher-steps", "30", "--eval-samples", "100", "--fid-every", "6", "--out", "run"],
+                         cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RealUID" not in out.stdout.replace("RealUID distillation", "") and "RealUID" not in out.stderr
+    assert "realuid: UID on 8gaussians" in out.stdout and "UID EMA 0.99, 1 step" in out.stdout
+    rows = json.load(open(tmp_path / "run" / "results.json"))
+    assert [k for k in rows if "1 step" in k and "teacher" not in k and "start" not in k] == [
+        "UID generator, 1 step", "UID EMA 0.95, 1 step", "UID EMA 0.99, 1 step", "UID EMA 0.995, 1 step"]
+
+
+def test_the_plot_and_the_progress_bar_name_the_variant(tmp_path, monkeypatch):
+    import matplotlib.axes
+    import tqdm
+    titles, bars, bar = [], [], tqdm.tqdm
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, **kw: titles.append(t))
+    monkeypatch.setattr(tqdm, "tqdm", lambda *a, **kw: bars.append(kw.get("desc")) or bar(*a, **kw))
+    assert R.main(["--gan", "--steps", "12", "--teacher-steps", "30", "--eval-samples", "100", "--fid-every", "0",
+                   "--out", str(tmp_path)]) == 0
+    assert titles[-1].startswith("RealUID + GAN ") and not any(t.startswith(("RealUID E", "RealUID g")) for t in titles)
+    assert bars[:2] == ["teacher", "RealUID + GAN"]
 
 
 def test_variant_flags_are_validated(capsys, tmp_path):
@@ -646,7 +687,7 @@ def test_variant_flags_are_validated(capsys, tmp_path):
                                        capsys)
     assert "unbounded" in error_of(R.main, ["--gamma", "1.2", "--out", str(tmp_path)], capsys)
     assert "--alpha-sid" in error_of(R.main, ["--alpha-sid", "3", "--out", str(tmp_path)], capsys)
-    R.check_config(R.Config(alpha=1.0, beta=0.9, gamma=0.5))  # admissible with gamma < 1
+    R.check_coefficients(1.0, 0.9, 0.5)  # admissible with gamma < 1
 
 
 # =============================================================================
@@ -776,13 +817,14 @@ def long_runs(tmp_path_factory):
         ["realuid.py", "--model", "bridge", "--dataset", "digits-sr", "--teacher", root / "bridge-sr" / "t" /
          "teacher.pt", "--steps", "240", "--batch-size", "16", "--sample-every", "1000", "--out",
          root / "bridge-sr" / "d"]]}
-    jobs["toy"] = [["realuid.py", "--out", root / "toy", "--teacher-steps", "2000", "--steps", "1500", "--seed", "0"]]
     for family, dataset in FAMILIES:
         out = root / family
         # 5000 teacher updates: after 2000 the EMA (0.999) still holds 0.999^2000 = 14 % of the random start,
-        # which sends a VP teacher's samples far off the data and leaves an si teacher's weak
+        # which sends a VP teacher's samples far off the data and leaves an si teacher's weak. fm is also the
+        # default run's quality check (toy_run): model selection scores it at its end (the recipe's --fid-every)
         jobs[family] = [["realuid.py", "--model", family.split("-")[0], "--dataset", dataset, "--out", out,
-                         "--teacher-steps", "5000", "--steps", "1500", "--eval-samples", "600", "--fid-every", "0"]]
+                         "--teacher-steps", "5000", "--steps", "1500", "--eval-samples", "600"]
+                        + ([] if family == "fm" else ["--fid-every", "0"])]
         if family == "vp-score":  # realuid.py's teacher on the spot takes the family's default parameterisation
             jobs[family] = [["teacher.py", "--model", "vp", "--param", "score", "--dataset", dataset, "--steps",
                              "5000", "--out", out], jobs[family][0] + ["--teacher", out / "teacher.pt"]]
@@ -797,8 +839,8 @@ def long_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_run(long_runs):
-    """The default 2D run, long enough to judge quality."""
-    return long_runs("toy")
+    """The default 2D run, long enough to judge quality: the fm family's run."""
+    return long_runs("fm")
 
 
 @pytest.mark.slow
@@ -961,6 +1003,32 @@ def test_help_lists_the_flags(main, argv, capsys):
     assert e.value.code == 0 and "--out" in out and ("--alpha" in out or main is not R.main)
 
 
+@pytest.mark.parametrize("main,groups", [
+    (R.main, [("the method", ["--alpha", "--beta", "--gamma", "--K", "--lr", "--ema-rampup", "--sigma-init",
+                              "--init-generator", "--batch-size"]),
+              ("the teacher", ["--model", "--teacher", "--teacher-ema", "--teacher-steps", "--hidden"]),
+              ("data", ["--dataset", "--cond", "--resolution", "--data-root", "--target-dir"]),
+              ("model selection", ["--fid-every", "--fid-samples", "--fid-ref", "--eval-samples"]),
+              ("the run", ["--out", "--resume", "--device", "--seed", "--save-every", "--compile"])]),
+    (teacher_py.main, [("the matching model", ["--model", "--param", "--sigma"]),
+                       ("training", ["--lr", "--steps", "--ema"]), ("the network", ["--channels", "--dropout"]),
+                       ("data", ["--dataset", "--cond"]), ("the run", ["--out", "--resume", "--sample-steps"])])])
+def test_help_lists_the_flags_under_headings(main, groups, capsys):
+    import re
+    # each flag appears under its heading (the headings in this order), every flag of the config once
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    starts = [out.index(f"\n{title}") for title, _ in groups]
+    assert starts == sorted(starts)
+    for (title, flags), start, end in zip(groups, starts, starts[1:] + [len(out)]):
+        for flag in flags:
+            assert re.search(f"^  {flag}\\b(?!-)", out[start:end], re.M), (title, flag)
+    listed = re.findall(r"^  (--[\w-]+)", out, re.M)
+    config = R.Config if main is R.main else RT.TeacherConfig
+    assert sorted(listed) == sorted([f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config)])
+
+
 def test_import_is_cheap_and_silent_and_bad_input_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['x', '--bogus']; import realuid"],
                          cwd=HERE, capture_output=True, text=True)
@@ -987,18 +1055,18 @@ def refused_as_a_script(tmp_path, script, *args, code=2):
 def test_refusals_raised_in_another_module_are_one_line_as_scripts_too(tmp_path, digits_features):
     # Run as `python realuid.py`, realuid is __main__: a refusal raised in runtime.py or in realuid's teacher
     # interface must be the class main catches (once realuid was loaded twice and these printed tracebacks).
-    err = refused_as_a_script(tmp_path / "a", "realuid.py", "--model", "bridge", "--teacher-steps", "5", "--steps",
-                              "2", "--out", "X")
-    assert "data-to-data pairs" in err
-    err = refused_as_a_script(tmp_path / "b", "realuid.py", "--dataset", "cifar10")  # offline: no download
-    assert "cifar-10-batches-py" in err and "data" in err
-    err = refused_as_a_script(tmp_path / "c", "realuid.py", "--dataset", "digits", "--teacher", digits_features,
-                              "--steps", "2", "--fid-every", "1", "--fid-ref", str(tmp_path / "missing.npz"))
-    assert "missing.npz" in err
-    err = refused_as_a_script(tmp_path / "d", "teacher.py", "--model", "si", "--steps", "2")
-    assert "data-to-data pairs" in err
-    err = refused_as_a_script(tmp_path / "e", "eval.py", "sample", str(tmp_path / "nowhere.pt"), "--n", "2")
-    assert "nowhere.pt does not exist" in err
+    # The scripts run side by side, one per core: each spends its time importing torch.
+    cases = {"a": (["realuid.py", "--model", "bridge", "--teacher-steps", "5", "--steps", "2", "--out", "X"],
+                   ["data-to-data pairs"]),
+             "b": (["realuid.py", "--dataset", "cifar10"], ["cifar-10-batches-py", "data"]),  # offline: no download
+             "c": (["realuid.py", "--dataset", "digits", "--teacher", digits_features, "--steps", "2", "--fid-every",
+                    "1", "--fid-ref", str(tmp_path / "missing.npz")], ["missing.npz"]),
+             "d": (["teacher.py", "--model", "si", "--steps", "2"], ["data-to-data pairs"]),
+             "e": (["eval.py", "sample", str(tmp_path / "nowhere.pt"), "--n", "2"], ["nowhere.pt does not exist"])}
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        errors = dict(zip(cases, pool.map(lambda k: refused_as_a_script(tmp_path / k, *cases[k][0]), cases)))
+    for key, (_, expected) in cases.items():
+        assert all(e in errors[key] for e in expected), errors[key]
 
 
 def test_a_teacher_trained_on_the_spot_that_diverges_is_one_line_exit_1_as_a_script(tmp_path):
@@ -1009,20 +1077,62 @@ def test_a_teacher_trained_on_the_spot_that_diverges_is_one_line_exit_1_as_a_scr
     assert "the teacher's loss is nan" in err and "no checkpoint was saved" in err
 
 
-def test_the_method_block_runs_on_its_own_with_torch_alone():
-    # README's promise: from the networks to the loop, realuid.py is one block that depends on torch alone
-    src = open(os.path.join(HERE, "realuid.py")).read()
-    block = src[src.index("# Networks:"):src.index("# Sampling")]
-    method = {}
-    exec("import copy, math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n" + block, method)
+def readme_blocks(heading):
+    """The fenced code blocks of README's section `## heading`, as (language, text) pairs."""
+    import re
+    text = open(os.path.join(HERE, "README.md")).read()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+
+
+TINY_EXAMPLE = dict(teacher_steps=30, steps=12, batch_size=32)  # README's main() arguments, small
+
+
+def test_readme_python_example_runs_as_it_is(tmp_path):
+    # README's "Use it from Python" block, run as it stands with small sizes through its documented arguments
+    (lang, code), = [b for b in readme_blocks("Use it from Python") if b[0] == "python"]
+    (tmp_path / "example.py").write_text(code)
+    import runpy
+    example = runpy.run_path(str(tmp_path / "example.py"), run_name="readme")
+    torch.manual_seed(0)
+    x = example["main"](**TINY_EXAMPLE)
+    assert x.shape == (2000, 2) and x.isfinite().all() and not x.requires_grad
+
+
+def test_readme_copy_of_the_method_needs_torch_alone_and_runs_the_example(tmp_path):
+    # README's promise: its lines lift the method (Method to distill) out of realuid.py with the imports it needs;
+    # the copy names nothing from outside itself, imports torch and the standard library only, runs README's example
+    # with runtime.py, numpy's companions and the other dependencies unimportable, and trains bit for bit as realuid
     import ast
     import builtins
-    tree = ast.parse(block)
+    blocks = readme_blocks("Use it from Python")
+    (_, lift), = [b for b in blocks if "awk" in b[1]]
+    (_, example), = [b for b in blocks if b[0] == "python"]
+    shutil.copy(os.path.join(HERE, "realuid.py"), tmp_path)
+    subprocess.run(["bash", "-c", lift], cwd=tmp_path, check=True)
+    (copied,) = [f for f in os.listdir(tmp_path) if f.endswith(".py") and f != "realuid.py"]
+    tree = ast.parse((tmp_path / copied).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"copy", "math", "os", "sys", "time", "dataclasses", "torch"}, imported
     bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
-    bound |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)} | set(method) | set(dir(builtins))
+    bound |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)} | set(dir(builtins))
     bound |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    assert {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} <= bound  # no name from outside the block
-    cfg = R.Config(alpha=0.9, beta=0.95, K=2, lr=1e-3, steps=9, warmup=2, ema=(0.9,))
+    bound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+              for a in n.names}
+    assert {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} <= bound  # no name from outside the copy
+    (tmp_path / "example.py").write_text(example)
+    blocked = ["runtime", "scipy", "tqdm", "matplotlib", "sklearn", "cleanfid", "safetensors", "torchvision"]
+    code = (f"import sys, runpy\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            f"import {copied[:-3]} as copy_\nsys.modules['realuid'] = copy_\n"
+            f"x = runpy.run_path('example.py', run_name='readme')['main'](**{TINY_EXAMPLE!r})\n"
+            f"assert x.shape == (2000, 2) and bool(x.isfinite().all())\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    method = {}
+    exec(compile(tree, copied, "exec"), method)
+    cfg = R.Method(alpha=0.9, beta=0.95, K=2, lr=1e-3, steps=9, warmup=2, ema=(0.9,))
     weights = []
     for m in (method, vars(R)):  # the copied block and the module: the same training, bit for bit
         torch.manual_seed(0)
@@ -1164,6 +1274,16 @@ def test_empty_folder_and_wrong_resolution_teacher_are_refused(tmp_path, capsys,
 # =============================================================================
 # Teacher files of torchcfm and of the official RealUID code
 # =============================================================================
+
+def test_cifar10_without_a_teacher_names_torchcfms_published_checkpoint(cifar_root, tmp_path, capsys):
+    err = error_of(R.main, ["--dataset", "cifar10", "--data-root", str(cifar_root), "--batch-size", "8", "--out",
+                            str(tmp_path / "a")], capsys)
+    assert "otcfm_cifar10_weights_step_400000.pt" in err and "--teacher" in err and "python teacher.py" in err
+    err = error_of(R.main, ["--dataset", "cifar10", "--cond", "--data-root", str(cifar_root), "--batch-size", "8",
+                            "--out", str(tmp_path / "b")], capsys)
+    assert "no class-conditional" in err and "python teacher.py --dataset cifar10 --cond" in err
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
 
 def test_torchcfm_and_official_teacher_files_load_and_agree(tmp_path, capsys):
     theirs = randomise_(torchcfm_unet(16, 32, (1, 2), 1, (8,), 4, 16, 10), seed=1).eval()
@@ -1438,14 +1558,19 @@ def test_frechet_distance_agrees_with_clean_fid_on_well_conditioned_statistics(d
     assert RT.frechet_distance(*stats) == pytest.approx(clean_fid_fd(*stats), rel=1e-6, abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["8gaussians", "modes-arc"])
+@pytest.mark.parametrize("name", ["8gaussians", "modes-arc", "checkerboard"])
 def test_mode_coverage_closed_forms(name):
     law, n = RT.MIXTURES[name], 40_000
     x, y = law.sample(n, seed=7)
     assert np.allclose(np.bincount(y.numpy()) / n, law.weights, atol=4 * math.sqrt(0.25 / n))
     held, inside, smallest, arc = law.coverage(x.numpy())
-    # P(|N(0, I_2)| < 3) for a mode; an arc point's distance to the arc is one normal coordinate: P(|N| < 3)
-    p_mode, p_arc = 1 - math.exp(-4.5), math.erf(3 / math.sqrt(2))
+    # P(|N(0, I_2)| < 3) for a mode; an arc point's distance to the arc is one normal coordinate: P(|N| < 3);
+    # the checkerboard's points are all in their squares, which are filled, the others empty
+    p_mode, p_arc = (1 - math.exp(-4.5), math.erf(3 / math.sqrt(2))) if name != "checkerboard" else (1.0, 1.0)
+    if name == "checkerboard":
+        assert np.all(np.abs(x.numpy() - law.centres[y.numpy()]).max(1) <= law.size / 2)
+        shifted = x.numpy() + np.array([law.size, 0.0])  # a square to the right: the board's empty squares
+        assert law.coverage(shifted[np.abs(shifted).max(1) < 4])[:2] == (0, 0.0)
     w_arc = law.weights[-1] if law.arc else 0.0
     p = (1 - w_arc) * p_mode + w_arc * p_arc
     assert held == len(law.centres) and abs(inside - p) < 4 * math.sqrt(p * (1 - p) / n) + 0.002  # + arc's ends
@@ -1457,7 +1582,32 @@ def test_mode_coverage_closed_forms(name):
     assert law.coverage(kept.numpy())[0] == len(law.centres) - 1
     if law.arc:  # without the arc every mode is held, and the arc's share is zero
         assert law.coverage(x[y != len(law.centres)].numpy())[::3] == (len(law.centres), 0.0)
-    assert law.coverage(np.zeros((100, 2)))[:3] == (0, 0.0, 0.0)  # the mean, off every part
+    off = np.zeros((100, 2)) if name != "checkerboard" else np.tile([1.0, -1.0], (100, 1))  # an empty square
+    assert law.coverage(off)[:3] == (0, 0.0, 0.0)  # the mean, off every part
+
+
+def test_precision_and_recall_are_the_shares_inside_the_other_sets_nearest_neighbour_balls():
+    # Kynkaanniemi et al. 2019 with k = 5: a copy of the data has both at 1; points far from every real point
+    # lower precision by exactly their share, and real points far from every sample lower recall likewise
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(1000, 2))
+    assert RT.precision_recall(real, real) == (1.0, 1.0)
+    far = rng.normal(size=(250, 2)) + 100.0
+    p, r = RT.precision_recall(np.concatenate([real[:750], far]), real)
+    assert p == 0.75 and r > 0.97  # 750 of the 1000 real points sampled: their balls still cover nearly all
+    p, r = RT.precision_recall(real[:500], np.concatenate([real[:500], far]))
+    assert p == 1.0 and r == 500 / 750
+    # a ball's radius is the distance to the k-th nearest other point: on a line of unit spacing the end point's
+    # ball has radius k = 5, so a sample 5 beyond it is inside, 6 beyond it not
+    line = np.stack([np.arange(20.0), np.zeros(20)], 1)
+    assert RT.precision_recall(np.array([[24.0, 0.0]]), line, k=5)[0] == 1.0
+    assert RT.precision_recall(np.array([[25.0, 0.0]]), line, k=5)[0] == 0.0
+    # and both see what W2 at 2000 points barely sees: modes drawn twice as wide lose precision
+    law = RT.MIXTURES["8gaussians"]
+    x, y = law.sample(2000, seed=1)
+    wide = law.centres[y.numpy()] + 2 * (x.numpy() - law.centres[y.numpy()])
+    held = law.sample(2000, seed=2)[0].numpy()
+    assert RT.precision_recall(wide, held)[0] < RT.precision_recall(x.numpy(), held)[0] - 0.1
 
 
 @pytest.mark.slow
@@ -1656,7 +1806,7 @@ def test_diffusion_target_minimiser_sampler_and_one_step_are_the_closed_forms(ki
         for centre, mean in binned_means(xt[:, 0], u[:, 0], torch.linspace(-2 * sd, 2 * sd, 12) + float(xt.mean())):
             scale = 1 / float(m.a_s(torch.tensor([t]))[1]) if param == "score" else 1.0
             assert abs(mean - closed(torch.tensor([t]), centre.reshape(1, 1)).item()) < 0.02 * scale, (t, centre)
-    z = torch.randn(100_000, 1, generator=g, dtype=torch.float64)
+    z = torch.randn(25_000, 1, generator=g, dtype=torch.float64)  # the moments' standard errors 0.004 and 0.003
     field = lambda t, x, y: closed(t, x)  # noqa: E731
     for sde in (False, True):
         x = m.sample(field, z, 200, sde=sde)
@@ -1838,7 +1988,7 @@ def test_a_teacher_trained_without_steps_gets_its_familys_recipe(model, param, s
     # VP's eps and score teachers need 15000 updates on 2D data to come near the data (docs/matching-models.md):
     # realuid.py's teacher on the spot, teacher.py and eval.py families all read teacher_recipes
     def record(cfg, *args, **kwargs):
-        seen.append((cfg.steps, R.matching_spec(cfg, "lowdim")["type"]))
+        seen.append((cfg.steps, RT.matching_spec(cfg, "lowdim")["type"]))
         raise Trained
     seen = []
     for module in (R, teacher_py, eval_py):
@@ -1866,7 +2016,7 @@ def test_a_diffusion_teacher_without_param_gets_its_kind_of_datas_parameterisati
                                                                                    monkeypatch):
     # on digits VP (eps) and VE (edm) distil to about 2.8x flow matching's FID, v to within 5 to 35 % of it
     def record(cfg, data, *args, **kwargs):
-        seen.append(R.matching_spec(cfg, data.recipe)["param"])
+        seen.append(RT.matching_spec(cfg, data.recipe)["param"])
         raise Trained
     seen = []
     monkeypatch.setattr(teacher_py, "train_teacher", record)
@@ -1904,12 +2054,19 @@ def test_kernel_command_reads_2d_teachers_and_refuses_others(tiny_families, tmp_
     assert "built-in 2D mixture" in line
 
 
+@pytest.fixture(scope="module")
+def vp_score_digits_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vp-score-digits")
+    assert teacher_py.main(["--model", "vp", "--param", "score", "--dataset", "digits", "--resolution", "8",
+                            "--steps", "2", "--batch-size", "8", "--out", str(out)] + TINY_UNET) == 0
+    return out / "teacher.pt"
+
+
 @pytest.mark.parametrize("flags", VARIANTS)
-def test_every_variant_runs_on_diffusion_digits_and_bridge_pairs(flags, tmp_path, tiny_families, capsys):
-    assert teacher_py.main(["--model", "vp", "--param", "score", "--dataset", "digits", "--steps", "2",
-                            "--batch-size", "8", "--out", str(tmp_path / "t")] + TINY_UNET) == 0
-    assert R.main(["--dataset", "digits", "--teacher", str(tmp_path / "t" / "teacher.pt"), "--steps", "6", "--K",
-                   "2", "--batch-size", "8", "--out", str(tmp_path / "d")] + flags) == 0
+def test_every_variant_runs_on_diffusion_digits_and_bridge_pairs(flags, tmp_path, tiny_families, capsys,
+                                                                 vp_score_digits_teacher):
+    assert R.main(["--dataset", "digits", "--resolution", "8", "--teacher", str(vp_score_digits_teacher), "--steps",
+                   "6", "--K", "2", "--batch-size", "8", "--out", str(tmp_path / "d")] + flags) == 0
     ckpt = torch.load(RT.latest_checkpoint(str(tmp_path / "d")), weights_only=True)
     assert ckpt["matching"] == dict(type="vp", param="score", sigma_init=2.5, lam=[-10.0, 10.0], sigma=[80.0, 0.002])
     assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
@@ -2240,7 +2397,7 @@ def test_torchrun_with_two_ranks_trains_what_one_process_trains_and_resumes_in_o
         log = torchrun("realuid.py", *common, "--teacher", str(tmp_path / "teacher1" / "teacher.pt"), "--steps", steps,
                        "--K", "2", "--lr-decay", "none", "--log-every", "6", "--fid-every", "0", "--eval-samples", "200", "--out", str(out),
                        ranks=ranks)
-        assert log.stdout.count("realuid: 8gaussians") == 1  # rank 0 alone speaks
+        assert log.stdout.count("realuid: RealUID on 8gaussians") == 1  # rank 0 alone speaks
     torchrun("realuid.py", "--resume", str(tmp_path / "run2"), "--steps", "18", ranks=1)
     runs = [RT.load_checkpoint(RT.latest_checkpoint(str(tmp_path / f"run{r}"))) for r in (1, 2)]
     assert runs[0]["step"] == runs[1]["step"] == 18
@@ -2646,7 +2803,9 @@ def assert_refused_cleanly(rc, err, out, prog):
         lines = [l for l in err.splitlines() if l.strip()]
         assert rc in (1, 2) and lines and lines[-1].startswith(f"{prog}: error: "), err
         assert sum("error:" in l for l in lines) == 1, err
-        assert not os.path.exists(out), os.listdir(out)
+        # a run refused after it saved work keeps it (an unreadable image hours in); else it leaves no folder
+        saved = out.exists() and any(f.endswith(".pt") for _, _, fs in os.walk(out) for f in fs)
+        assert not out.exists() or saved, os.listdir(out)
 
 
 BAD_NUMBERS = ["0", "-1", "-0.5", "nan", "inf", "-inf", "1e309", "abc", "", "0.5", "1", "2", "1.5", "7", "2147483648"]
