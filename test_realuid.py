@@ -862,8 +862,9 @@ def test_checkpoints_reload_and_sample(toy_run, tmp_path):
     assert ckpt["kind"] == "generator" and ckpt["step"] == 1500 and set(ckpt["ema"]) == {"0.95", "0.99", "0.995"}
     assert ckpt["config"]["alpha"] == 0.92 and ckpt["data"]["shape"] == [2]
     out = tmp_path / "s.npy"
+    # 0.95: after 250 generator updates the 0.995 EMA still holds much of the generator's start
     assert eval_py.main(["sample", str(toy_run), "--n", "3000", "--out", str(out),
-                         "--ema", "0.995"]) == 0
+                         "--ema", "0.95"]) == 0
     x = np.load(out)
     assert x.shape == (3000, 2)
     # samples come back in data units: the 8 modes sit on a circle of radius 4
