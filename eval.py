@@ -36,8 +36,8 @@ from realuid import (Config, RealUID, UNet, build_field, generate, load_field, m
 from runtime import (DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION, Data, HeldOut,
                      Parser, TeacherConfig, UsageError, config_dict, count_parameters, cycled, fail,
                      latest_checkpoint, load_checkpoint, load_data, load_reference_data, make_config, pair_grid,
-                     paired_scores, pyplot, refusing, resolve_device, save_checkpoint, save_grid, set_precision,
-                     teacher_recipes, to_data_units, to_uint8, use_bf16)
+                     paired_scores, pyplot, refusing, resolve_device, save_checkpoint, save_grid, save_json,
+                     set_precision, teacher_recipes, to_data_units, to_uint8, use_bf16)
 
 
 # =============================================================================
@@ -497,6 +497,17 @@ def train_teacher_once(cfg, data, path):
     return path
 
 
+def distill_once(argv, out):
+    """distill_run, unless out holds a finished run (results.json) of these very arguments: a table re-scored
+    with other draws, or a seed added, does not train the runs it has again."""
+    stamp = os.path.join(out, "argv.json")
+    argv = [str(a) for a in argv]
+    if os.path.isfile(os.path.join(out, "results.json")) and os.path.isfile(stamp) and json.load(open(stamp)) == argv:
+        return
+    distill_run(argv, out)
+    save_json(argv, stamp)
+
+
 def best_realuid(table):
     """The grid's RealUID config with the lowest mean, among beta/alpha != 1."""
     return min((n for n in table if "," in n and not n.endswith("1.00")), key=lambda n: np.mean(table[n]))
@@ -630,20 +641,18 @@ FAMILIES = {"fm": ("fm", ""), "vp": ("vp", "eps"), "vp-score": ("vp", "score"), 
 
 def best_one_step(folder):
     """The run's best one-step net by model selection (the lowest of its best-<net>.pt scores): (name, step,
-    metrics, point sets), scored as the selection scored it: on the run's own held-out points and seed."""
+    network, its matching model: the teacher's family with the generator's noise level sigma_init)."""
     best = min((load_checkpoint(os.path.join(folder, f)) | dict(name=f[5:-3]) for f in os.listdir(folder)
                 if f.startswith("best-") and f.endswith(".pt")), key=lambda c: c["score"])
     net = build_field(best["field"])
     net.load_state_dict(best["generator"])
-    cfg = make_config(Config, {k: best["config"][k] for k in DATA_FIELDS})
-    held = HeldOut(load_data(cfg), generate, matching_model(best["matching"]), torch.device("cpu"), cfg.seed)
-    sets = held.sample(net)
-    return best["name"], best["step"], held.metrics(sets), sets
+    return best["name"], best["step"], net, matching_model(best["matching"])
 
 
 def cmd_families(args):
-    """For each family and 2D set: a teacher trained with its family's recipe, the default distillation, the
-    teacher at 100 steps of its own sampler against the best one-step net; UID (alpha = beta = 1) beside
+    """For each family, 2D set and seed: a teacher trained with its family's recipe and that seed, the default
+    distillation, then the floor (training points), the teacher at 100 steps of its own sampler and the best
+    one-step net, scored on the same held-out points over the same --draws draws; UID (alpha = beta = 1) beside
     RealUID with --uid. Tables in summary.md, pictures families-<data>.png."""
     for name in args.families:
         if name not in FAMILIES:
@@ -652,40 +661,47 @@ def cmd_families(args):
     out, start, rows, md = args.out, time.time(), [], []
     os.makedirs(out, exist_ok=True)
     for dataset in args.datasets:
-        data = load_data(make_config(Config, dict(dataset=dataset)))
+        data = load_data(make_config(Config, dict(dataset=dataset, eval_samples=args.eval_samples)))
         pictures = {}
         for family in args.families:
             model, param = FAMILIES[family]
             recipe = teacher_recipes(model, param)["lowdim"]
-            tcfg = make_config(TeacherConfig, dict(dataset=dataset, model=model, param=param,
-                                                   steps=args.teacher_steps or recipe["steps"]), recipe)
-            teacher = train_teacher_once(tcfg, data, os.path.join(out, dataset, family, "teacher.pt"))
-            for method, flags in methods.items():
-                for seed in range(args.seeds):
+            for seed in range(args.seeds):
+                tcfg = make_config(TeacherConfig, dict(dataset=dataset, model=model, param=param, seed=seed,
+                                                       steps=args.teacher_steps or recipe["steps"]), recipe)
+                teacher = train_teacher_once(tcfg, data, os.path.join(out, dataset, family, f"teacher{seed}.pt"))
+                teacher_net, tckpt = load_field(teacher, "teacher")
+                held = HeldOut(data, generate, matching_model(tckpt["matching"]), torch.device("cpu"), seed,
+                               args.draws)
+                floor, ref_sets = held.floor(), held.sample(teacher_net, 100)
+                floor_row, ref = held.metrics(floor), held.metrics(ref_sets)
+                for method, flags in methods.items():
                     folder = os.path.join(out, dataset, family, method, f"seed{seed}")
-                    _, results = distill_run(["--dataset", dataset, "--teacher", teacher, "--seed", str(seed),
-                                              *flags, *shlex.split(args.flags)], folder)
-                    name, step, best, sets = best_one_step(folder)
-                    ref = results["teacher, 100 steps"]
-                    rows.append(dict(data=dataset, family=family, method=method, seed=seed, teacher=ref,
-                                     best=best, net=name, step=step))
-                    print(f"{dataset} {family} {method} seed {seed}: teacher (100 steps) W2 {ref['w2']:.3f} precision "
-                          f"{ref['precision']:.3f} recall {ref['recall']:.3f}, one step {best['w2']:.3f} "
+                    distill_once(["--dataset", dataset, "--teacher", teacher, "--seed", str(seed), "--eval-samples",
+                                  str(args.eval_samples), *flags, *shlex.split(args.flags)], folder)
+                    name, step, net, matching = best_one_step(folder)
+                    sets = held.sample(net, matching=matching)  # the same held-out points and draws
+                    best = held.metrics(sets)
+                    rows.append(dict(data=dataset, family=family, method=method, seed=seed, floor=floor_row,
+                                     teacher=ref, best=best, net=name, step=step))
+                    print(f"{dataset} {family} {method} seed {seed} ({held.draws} draws): floor W2 "
+                          f"{floor_row['w2']:.3f}; teacher (100 steps) W2 {ref['w2']:.3f} precision "
+                          f"{ref['precision']:.3f} recall {ref['recall']:.3f}; one step {best['w2']:.3f} "
                           f"{best['precision']:.3f} {best['recall']:.3f} ({name} at {step}), {best['modes']}/"
                           f"{len(data.modes.centres)} modes held; {time.time() - start:.0f} s so far", flush=True)
                     if seed == 0 and method == "RealUID":
-                        teacher_net, tckpt = load_field(teacher, "teacher")
-                        held = HeldOut(data, generate, matching_model(tckpt["matching"]), torch.device("cpu"), 0)
-                        pictures[family] = held.sample(teacher_net, 100)[0], sets[0], held.real
+                        pictures[family] = ref_sets[0], sets[0], held.real
         plot_families(pictures, os.path.join(out, f"families-{dataset}.png"), dataset)
     md.append(markdown_table(
-        ["data", "family", "method", "seeds", "teacher, 100 steps: W2", "one step (best): W2", "ratio",
-         "teacher: precision", "one step: precision", "teacher: recall", "one step: recall",
-         "modes held", "smallest mode share", "arc share", "in parts"],
+        ["data", "family", "method", "seeds", "floor: W2", "teacher, 100 steps: W2", "teacher / floor",
+         "one step (best): W2", "one step / teacher", "floor: precision", "teacher: precision",
+         "one step: precision", "floor: recall", "teacher: recall", "one step: recall", "modes held",
+         "smallest mode share", "arc share", "in parts"],
         [(d, f, m, len(sel), *("{:.3f} +- {:.3f}".format(*mean_spread(v)) for v in (
-            [r["teacher"]["w2"] for r in sel], [r["best"]["w2"] for r in sel],
+            [r["floor"]["w2"] for r in sel], [r["teacher"]["w2"] for r in sel],
+            [r["teacher"]["w2"] / r["floor"]["w2"] for r in sel], [r["best"]["w2"] for r in sel],
             [r["best"]["w2"] / r["teacher"]["w2"] for r in sel],
-            *([r[who][k] for r in sel] for k in ("precision", "recall") for who in ("teacher", "best")))),
+            *([r[who][k] for r in sel] for k in ("precision", "recall") for who in ("floor", "teacher", "best")))),
           "/".join(str(r["best"]["modes"]) for r in sel), "{:.2f}".format(min(r["best"]["min_share"] for r in sel)),
           "{:.2f}".format(np.mean([r["best"]["arc_share"] for r in sel])) if "arc_share" in sel[0]["best"] else "-",
           "{:.3f}".format(np.mean([r["best"]["in_mode"] for r in sel])))
@@ -1041,14 +1057,18 @@ def main(argv=None):
     b.add_argument("--out", default="", help="also write the rows to this .json")
     fam = sub.add_parser("families", help="each matching model on the 2D sets: the teacher at 100 steps against "
                                           "the best one-step net, UID beside RealUID (about 30 minutes a seed)")
-    fam.add_argument("--datasets", nargs="+", default=["8gaussians", "modes-arc"], help="built-in 2D sets")
+    fam.add_argument("--datasets", nargs="+", default=["8gaussians", "modes-arc", "checkerboard"],
+                     help="built-in 2D sets")
     fam.add_argument("--families", nargs="+", default=list(FAMILIES), help=f"of {', '.join(FAMILIES)}")
-    fam.add_argument("--seeds", type=int, default=1, help="seeds per family and method")
+    fam.add_argument("--seeds", type=int, default=1, help="seeds per family and method (each its own teacher)")
+    fam.add_argument("--eval-samples", type=int, default=2000, help="held-out points of every score (each run's too)")
+    fam.add_argument("--draws", type=int, default=16, help="draws of held-out-sized samples per score (W2 of one "
+                                                           "draw varies by about 0.08 on the 8 Gaussians)")
     fam.add_argument("--uid", action="store_true", help="also UID (alpha = beta = 1)")
     fam.add_argument("--flags", default="", help="more realuid.py flags for every distillation, e.g. "
                                                  "--flags='--steps 1500 --lr 1e-4'")
     fam.add_argument("--teacher-steps", type=int, default=None,
-                     help="updates of each teacher (default: its family's recipe, 5000; VP (eps, score) 15000)")
+                     help="updates of each teacher (default: its family's recipe, 10000; VP (eps, score) 15000)")
     fam.add_argument("--out", default="runs/families", help="where every run, picture and table goes")
     k = sub.add_parser("kernel", help="2D teachers: how their one-step generator's tangent kernel couples the "
                                       "modes (why some families' generators pull modes together)")

@@ -8,6 +8,7 @@ real data enters the distillation through two coefficients alpha, beta (eq. 16) 
     python realuid.py                                   # embedded 2D default, CPU, minutes
     python realuid.py --dataset cifar10 --alpha 0.92 --beta 0.94 --teacher cfm.pt
     python realuid.py --model bridge --dataset pairs    # data-to-data: bridge matching (IBMD + real pairs)
+    torchrun --nproc_per_node=N realuid.py ...          # many GPUs; measured results: README.md and docs/
 
 Time convention (torchcfm's, the REVERSE of the paper's main text):
 t = 0 is noise, t = 1 is data, x_t = (1 - t) x0 + t x1, target x1 - x0.
@@ -18,8 +19,6 @@ Symbols and code:
     u_t(x_t|x1)   <matching model>.target      u*      the frozen teacher field
     u_psi         the fake field ("fake")      G_theta OneStepGenerator (the teacher's denoiser)
     alpha, beta   RealUM coefficients (eq. 16) K       fake updates per generator update
-
-Measured results: README.md and docs/. Multi-GPU: torchrun --nproc_per_node=N realuid.py ...
 
 Sections, in the paper's reading order: config | networks | matching models (Def. 1) | losses | the one-step
 generator and Algorithm 1 | sampling | the teacher interface | main. From the networks to the loop it depends on
@@ -75,7 +74,8 @@ class Method:
     lambda_disc: float = opt(1.0, "GAN weight in the fake-model loss (paper: 1 training, 75 fine-tuning)")
     gan_t_range: tuple = opt((0.8, 1.0), "time range of the GAN's x_t (t = 1 is data)")
     K: int = opt(5, "fake-model updates per generator update")
-    lr: float = opt(3e-5, "Adam learning rate of both networks")
+    lr: float = opt(3e-5, "Adam learning rate of the generator (and of the fake model, times --fake-lr-mult)")
+    fake_lr_mult: float = opt(1.0, "the fake model's lr over the generator's: > 1 lets it keep up (two time scales)")
     steps: int = opt(500_000, "gradient updates in all, fake and generator (K:1)")
     warmup: int = opt(500, "linear learning-rate warm-up, in each network's own updates (as the official code)")
     lr_decay: str = opt("none", "after the warm-up: none (a constant lr, the paper's) or cosine (down to 0 at "
@@ -102,8 +102,7 @@ def variant(cfg):
 
 
 # =============================================================================
-# Networks: the torchcfm UNet (state-dict compatible) and an MLP for 2D/ND data
-# Both follow torchcfm's contract  forward(t, x, y=None) -> field, shaped like x.
+# Networks: the torchcfm UNet (state-dict compatible) and an MLP for 2D/ND data, both forward(t, x, y=None)
 # =============================================================================
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -265,13 +264,17 @@ class UNet(nn.Module):
 
 
 class MLPField(nn.Module):
-    """A time-conditioned MLP field for low-dimensional data; y is a class label (num_classes) or, for coupled
-    matching models, the source point x_T (cond_dim)."""
+    """A time-conditioned MLP field for low-dim data; y is a class label (num_classes) or, for coupled models, the
+    source x_T (cond_dim). Fourier features sin, cos (2 pi x B), B ~ N(0, I) (Tancik et al., 2020) let the one-step
+    generator, a copy of this net, fold a Gaussian onto thin curves without filaments (docs/fine-detail.md)."""
 
-    def __init__(self, dim=2, hidden=256, depth=4, num_classes=None, time_features=16, cond_dim=None):
+    def __init__(self, dim=2, hidden=256, depth=4, num_classes=None, time_features=16, cond_dim=None, fourier=0):
         super().__init__()
         self.num_classes, self.time_features, self.cond_dim = num_classes, time_features, cond_dim
-        self.inp = nn.Linear(dim + time_features, hidden)
+        if fourier:  # drawn from its own generator: fixed by the spec, and the global RNG stays untouched
+            B = torch.randn(dim, fourier, generator=torch.Generator().manual_seed(0))
+            self.register_buffer("B", 2 * math.pi * B)
+        self.inp = nn.Linear(dim + 2 * fourier + time_features, hidden)
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, hidden)
         if cond_dim is not None:
@@ -284,7 +287,8 @@ class MLPField(nn.Module):
         if (y is None) != (self.num_classes is None and self.cond_dim is None):
             raise ValueError("pass y if and only if the network is conditional")
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        h = self.inp(torch.cat([x, timestep_embedding(t * 1000, self.time_features).to(x.dtype)], 1))
+        xb = [(x @ self.B).sin(), (x @ self.B).cos()] if hasattr(self, "B") else []
+        h = self.inp(torch.cat([x, *xb, timestep_embedding(t * 1000, self.time_features).to(x.dtype)], 1))
         if y is not None:
             h = h + (self.cond_emb(y) if self.cond_dim is not None else self.label_emb(y))
         for layer in self.hidden:
@@ -804,8 +808,7 @@ def ema_decay(decay, n, rampup=0.0):
 
 @torch.no_grad()
 def ema_update(ema_net, net, decay):
-    ema_params = list(ema_net.parameters())
-    torch._foreach_lerp_(ema_params, list(net.parameters()), 1 - decay)
+    torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
 
 
 def fused_adam(device):
@@ -863,7 +866,7 @@ class RealUID:
         adam = dict(lr=cfg.lr, betas=(0.0, 0.999), fused=fused_adam(self.device))
         self.disc = discriminator_head(fake_spec).to(self.device) if cfg.gan else None
         self.fake_params = list(self.fake.parameters()) + (list(self.disc.parameters()) if cfg.gan else [])
-        self.opt_fake = torch.optim.Adam(self.fake_params, **adam)
+        self.opt_fake = torch.optim.Adam(self.fake_params, **adam | dict(lr=cfg.lr * cfg.fake_lr_mult))
         self.opt_gen = torch.optim.Adam(self.generator.parameters(), **adam)
         gen_updates = cfg.steps // (cfg.K + 1) if cfg.lr_decay == "cosine" else 0  # each network's own updates
         self.sched_fake = torch.optim.lr_scheduler.LambdaLR(
@@ -1068,7 +1071,8 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
     net = build_field(spec).to(device).train()
     ema = {d: copy.deepcopy(net).eval().requires_grad_(False) for d in cfg.ema}
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=fused_adam(device))
-    sched = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_schedule(cfg.warmup))
+    cosine_to = cfg.steps if cfg.lr_decay == "cosine" else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_schedule(cfg.warmup, cosine_to))
     m = matching_model(matching_spec(cfg, data.recipe))
     if m.coupled != data.coupled:
         raise UsageError(f"--model {cfg.model} {'needs' if m.coupled else 'cannot use'} data-to-data pairs "
@@ -1126,8 +1130,7 @@ class Config(Method, DistillFlags):
     logging, checkpoints, FID) in runtime.DistillFlags."""
     dataset: str = opt("8gaussians", "8gaussians, modes-arc, checkerboard (2D), digits, cifar10, an image folder, "
                                      "PATH.npy (N x D floats, N x H x W x C uint8); paired (si, bridge): pairs (2D), "
-                                     "digits-sr, digits-inpaint, PATH.npz (uint8 source, target), a folder with "
-                                     "--target-dir")
+                                     "digits-sr, digits-inpaint, PATH.npz (uint8 source, target), DIR --target-dir")
     cond: bool = opt(False, "class-conditional generator, teacher and fake model")
     model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
                          "default: the teacher file's, fm for a teacher trained on the spot")
@@ -1147,12 +1150,12 @@ class Config(Method, DistillFlags):
     init_ema: float = opt(None, "EMA decay to take from --init-generator (default: its raw generator)", type=float)
     hidden: int = opt(256, "MLP width (low-dimensional data)")
     teacher_steps: int = opt(None, "updates of the on-the-spot teacher (low-dim data, no --teacher); default: its "
-                                   "family's recipe, 5000 (VP with eps or score: 15000)", type=int)
+                                   "family's recipe, 10000 (VP with eps or score: 15000)", type=int)
 
 
-# The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a
-# laptop CPU. A flag the user gives wins over any recipe. Digits ramp their EMAs up: after 200 generator updates a
-# fixed 0.995 keeps 37 % of the teacher's one step; paired digits keep it, near the data there (matching-models.md).
+# The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a laptop CPU. A user's flag
+# wins over any recipe. Digits ramp their EMAs up: after 200 generator updates a fixed 0.995 keeps 37 % of the
+# teacher's one step; paired digits keep it, near the data there (matching-models.md).
 RECIPES = dict(
     lowdim=dict(lr=3e-4, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
                 log_every=50, save_every=2000, fid_every=2000),
@@ -1160,7 +1163,6 @@ RECIPES = dict(
                 log_every=50, save_every=600, sample_every=300, fid_samples=2000),
     digits_pairs=dict(ema_rampup=0.0),  # on top of digits, for digits-sr and digits-inpaint
     image={})
-
 
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees

@@ -27,9 +27,10 @@ from runtime import (DATA_FLAGS, Diverged, Stopped, TeacherConfig, UsageError, c
 RESUMABLE = ("steps", "out", "device", "precision", "workers", "log_every", "save_every", "skip_nonfinite",
              "sample_steps", "resume")
 FLAG_GROUPS = (("the matching model", ("model", "param", "sigma", "source_noise")),
-               ("training (torchcfm's CIFAR-10 recipe)", ("lr", "batch_size", "steps", "warmup", "ema", "grad_clip")),
+               ("training (torchcfm's CIFAR-10 recipe)", ("lr", "batch_size", "steps", "warmup", "lr_decay", "ema",
+                                                          "grad_clip")),
                ("the network", ("channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
-                                "num_head_channels", "dropout", "hidden")),
+                                "num_head_channels", "dropout", "hidden", "fourier")),
                ("data", DATA_FLAGS))
 
 
