@@ -287,7 +287,7 @@ class MLPField(nn.Module):
         if (y is None) != (self.num_classes is None and self.cond_dim is None):
             raise ValueError("pass y if and only if the network is conditional")
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        xb = [(x @ self.B).sin(), (x @ self.B).cos()] if hasattr(self, "B") else []
+        xb = [(xB := x @ self.B).sin(), xB.cos()] if hasattr(self, "B") else []
         h = self.inp(torch.cat([x, *xb, timestep_embedding(t * 1000, self.time_features).to(x.dtype)], 1))
         if y is not None:
             h = h + (self.cond_emb(y) if self.cond_dim is not None else self.label_emb(y))
