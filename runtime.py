@@ -173,8 +173,8 @@ class TeacherConfig(RunFlags):
 
 
 TEACHER_RECIPES = dict(
-    # a cosine to 0 over 10000 updates: on the checkerboard's sharp edges precision 0.83 -> 0.92 against a constant
-    # lr's 5000 (docs/matching-models.md)
+    # a cosine to 0 over 10000 updates and 64 Fourier features: the teacher's precision on the checkerboard 0.874
+    # (constant lr, 5000 updates, plain MLP) -> 0.921 -> 0.981, and one step keeps the modes' shape (fine-detail.md)
     lowdim=dict(lr=1e-3, batch_size=512, steps=10000, warmup=100, lr_decay="cosine", ema=(0.999,), fourier=64),
     # a small UNet that learns recognisable digits in minutes on two CPU cores
     digits=dict(lr=1e-3, batch_size=64, steps=2500, warmup=200, ema=(0.995,), channels=32, channel_mult=(1, 2),
