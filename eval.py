@@ -6,6 +6,7 @@
     python eval.py fid runs/c10 --ema 0.9999          # the paper's protocol: 50k samples, clean-fid
                                                       # legacy_tensorflow, CIFAR-10 train statistics, 3 runs
     python eval.py fid runs/digits --features runs/digits/teacher.pt   # offline, not comparable to papers
+    python eval.py classifier                         # digits' own yardstick, in seconds: then --features classifier
     python eval.py efficiency runs/c10                # the paper's Table 5: parameters, ms/image, memory
     python eval.py export runs/c10 --ema 0.9999 --out generator.safetensors   # weights to share, no pickle
 
@@ -29,13 +30,15 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from realuid import (Config, RealUID, UNet, build_field, generate, load_field, main as realuid_main, matching_model,
                      read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field, teacher_step,
                      train_teacher)
-from runtime import (DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION, Data, HeldOut,
-                     Parser, TeacherConfig, UsageError, config_dict, count_parameters, cycled, fail,
-                     latest_checkpoint, load_checkpoint, load_data, load_reference_data, make_config, pair_grid,
+from runtime import (CLASSIFIER_KIND, DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION,
+                     Data, DigitClassifier, HeldOut, Parser, TeacherConfig, UsageError, classifier_path, config_dict,
+                     count_parameters, cycled, fail, latest_checkpoint, load_checkpoint, load_data, load_digits,
+                     load_reference_data, make_config, pair_grid,
                      paired_scores, pyplot, refusing, resolve_device, save_checkpoint, save_grid, save_json,
                      set_precision, teacher_recipes, to_data_units, to_uint8, use_bf16)
 
@@ -771,6 +774,63 @@ def plot_families(pictures, path, dataset):
     plt.close(fig)
 
 
+# =============================================================================
+# The digit classifier: FID features for digits that are none of the compared networks' (eval.py classifier)
+# =============================================================================
+
+def train_classifier(resolution, epochs=30, batch_size=64, lr=2e-3, seed=0, widths=(16, 32), features=128):
+    """(DigitClassifier, spec): trained with Adam (lr to 0 on a cosine) and cross-entropy on a fixed 80 % of
+    scikit-learn's digits at `resolution` (a permutation seeded 0, whatever `seed`), each batch shifted by up to a
+    pixel each way; its accuracy measured on the other 20 %. `seed` draws the weights, batches and shifts; on the
+    CPU the result is the same bit for bit at the same thread count."""
+    x, y = load_digits(resolution)
+    x = x.float() / 127.5 - 1  # DigitClassifier's units, as ClassifierFeatures feeds it
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    test, train = perm[:len(x) // 5], perm[len(x) // 5:]
+    torch.manual_seed(seed)
+    net, g = DigitClassifier(widths, features), torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(net.parameters(), lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs)
+    for _ in range(epochs):
+        for rows in train[torch.randperm(len(train), generator=g)].split(batch_size):
+            dy, dx = torch.randint(3, (2,), generator=g).tolist()  # the batch shifted by up to a pixel each way
+            shifted = F.pad(x[rows], (1, 1, 1, 1), value=-1)[..., dy:dy + resolution, dx:dx + resolution]
+            loss = F.cross_entropy(net(shifted), y[rows])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        decay.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = (net(x[test]).argmax(1) == y[test]).float().mean().item()
+    return net, dict(resolution=resolution, widths=list(widths), features=features, accuracy=accuracy,
+                     held_out=len(test), train=len(train), epochs=epochs, seed=seed)
+
+
+def write_classifier(net, spec, path):
+    """Weights and spec as .safetensors (runtime.read_classifier reads it), saved atomically."""
+    from safetensors.torch import save
+    meta = dict(version=str(VERSION), kind=CLASSIFIER_KIND, spec=json.dumps(spec))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_checkpoint({k: v.contiguous() for k, v in net.state_dict().items()}, path,
+                    write=lambda tensors, f: f.write(save(tensors, meta)))
+
+
+def cmd_classifier(args):
+    if args.resolution < 8 or args.epochs < 1:
+        raise UsageError("--resolution must be at least 8 and --epochs positive")
+    path = args.out or classifier_path(args.resolution)
+    start = time.perf_counter()
+    net, spec = train_classifier(args.resolution, args.epochs, seed=args.seed)
+    seconds, threads = time.perf_counter() - start, torch.get_num_threads()
+    write_classifier(net, spec, path)
+    print(f"digit classifier, {args.resolution}x{args.resolution}: {spec['train']} training digits, "
+          f"{args.epochs} epochs in {seconds:.1f} s on {threads} CPU thread{'s' if threads > 1 else ''}; "
+          f"held-out accuracy {100 * spec['accuracy']:.1f} % of {spec['held_out']}; wrote {path} "
+          f"({spec['features']} features: --features classifier)")
+    return spec
+
+
 def load_net(args):
     """(path, network, checkpoint, steps, matching model): a generator takes one step (steps None), a teacher
     --steps of its sampler, default 100."""
@@ -877,7 +937,7 @@ def cmd_fid(args):
         raise UsageError(f"{path} does not name its data set: pass --ref")
     load = load_reference_data(info["shape"][-1], args.data_root or config.get("data_root", "data"))
     fid = FID(ref, args.features, args.mode, info["shape"], device, os.path.dirname(os.path.abspath(path)), load,
-              args.batch_size, args.bf16, generate=generate, load_field=load_field)
+              args.batch_size, args.bf16, generate=generate, load_field=load_field, floor=True)
     what = "one-step generator" if steps is None else f"teacher, {steps} sampler steps"
     print(f"FID of {path} ({what}), {args.n} samples x {args.repeats}: {fid.describe}")
     scores = [fid(net, args.n, args.seed + r, steps, info.get("num_classes"), matching)
@@ -885,10 +945,19 @@ def cmd_fid(args):
     spread = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
     print(f"FID {np.mean(scores):.4f} +- {spread:.4f} (mean +- std over {len(scores)} runs: "
           f"{', '.join(f'{s:.4f}' for s in scores)})")
+    floors = [fid.floor(args.n, args.seed + r) for r in range(args.repeats)]
+    floor = dict(floor=None, floor_mean=None, floor_std=None)
+    if floors[0] is None:
+        print("floor n/a: the reference is precomputed statistics, with no images to draw")
+    else:
+        floor = dict(floor=floors, floor_mean=float(np.mean(floors)),
+                     floor_std=float(np.std(floors, ddof=1)) if len(floors) > 1 else 0.0)
+        print(f"floor {floor['floor_mean']:.4f} +- {floor['floor_std']:.4f} (real reference images, {args.n} drawn "
+              f"with replacement per run: {', '.join(f'{s:.4f}' for s in floors)})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(checkpoint=path, fid=scores, mean=float(np.mean(scores)), std=spread, n=args.n,
-                           reference=fid.describe), f, indent=2)
+                           reference=fid.describe, **floor), f, indent=2)
     return scores
 
 
@@ -1022,7 +1091,8 @@ def main(argv=None):
     f.add_argument("--mode", default="auto", choices=("auto", "legacy_tensorflow", "clean"),
                    help="clean-fid mode; auto: legacy_tensorflow against cifar10's statistics, else clean")
     f.add_argument("--features", default="inception",
-                   help="inception (clean-fid), or an offline UNet file (a teacher.pt): not comparable to "
+                   help="inception (clean-fid); classifier: digits' independent digit classifier (eval.py classifier "
+                        "builds it), or its file; or an offline UNet file (a teacher.pt): not comparable to "
                         "published FIDs")
     f.add_argument("--data-root", default="", help="where cifar10 is found (default: the training run's)")
     f.add_argument("--batch-size", type=int, default=500, help="images generated per batch")
@@ -1030,6 +1100,14 @@ def main(argv=None):
     f.add_argument("--steps", type=int, default=None, help="sampler steps of a teacher (default 100)")
     f.add_argument("--seed", type=int, default=0, help="seed of the first run; run r uses seed + r")
     f.add_argument("--out", default="", help="also write the scores to this .json")
+
+    c = sub.add_parser("classifier", help="train and cache the digit classifier whose penultimate features are "
+                                          "digits' independent FID features (--features classifier; seconds)")
+    c.add_argument("--resolution", type=int, default=16, help="image side of the digits (8, 16 or 32)")
+    c.add_argument("--epochs", type=int, default=30, help="passes over the 1437 training digits")
+    c.add_argument("--seed", type=int, default=0, help="draws the weights and batches (the held-out split is fixed)")
+    c.add_argument("--out", default="", help="default runs/digits/classifier-<resolution>.safetensors, where "
+                                             "--features classifier looks")
 
     e = sub.add_parser("efficiency", help="parameters, milliseconds per image and peak memory (Table 5)")
     checkpoint_args(e, "a realuid.py checkpoint, output folder or teacher file; or cifar10: the paper's UNet "
@@ -1083,7 +1161,8 @@ def main(argv=None):
     r.add_argument("--out", default="runs/reproduce", help="where every run, plot and table goes")
     args = p.parse_args(argv)
     try:
-        {"sample": cmd_sample, "export": cmd_export, "fid": cmd_fid, "efficiency": cmd_efficiency,
+        {"sample": cmd_sample, "export": cmd_export, "fid": cmd_fid, "classifier": cmd_classifier,
+         "efficiency": cmd_efficiency,
          "bench": cmd_bench, "reproduce": cmd_reproduce, "families": cmd_families,
          "kernel": cmd_kernel}[args.command](args)
     except UsageError as e:

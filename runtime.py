@@ -124,8 +124,9 @@ class DistillFlags(RunFlags):
     fid_ref: str = opt("", "FID reference: cifar10 (clean-fid's train statistics), a .npz of mu and sigma, "
                            "or images as --dataset takes them (default: cifar10's statistics for cifar10, "
                            "else the training data)")
-    fid_features: str = opt("inception", "FID features: clean-fid's Inception, or an offline network file "
-                                         "(a teacher.pt; not comparable to published FIDs)")
+    fid_features: str = opt("inception", "FID features: clean-fid's Inception; classifier: digits' independent "
+                                         "digit classifier (eval.py classifier builds it); or an offline network "
+                                         "file (a teacher.pt; not comparable to published FIDs)")
 
 
 # realuid.py's flags that mean something only beside another, and those a --resume may change
@@ -1992,6 +1993,97 @@ class NetworkFeatures:
         return self.net.encode(torch.ones(len(x), device=self.device), x).mean((2, 3)).cpu().numpy()
 
 
+class DigitClassifier(nn.Module):
+    """The independent yardstick of digits FID: a small CNN trained to label the digits (eval.py classifier), none
+    of the compared generative networks. Images in [-1, 1]; `body` ends in the penultimate layer, whose activations
+    (after its ReLU) are the FID features; `head` maps them to the 10 classes."""
+
+    def __init__(self, widths=(16, 32), features=128, num_classes=10):
+        super().__init__()
+        a, b = widths
+        self.body = nn.Sequential(nn.Conv2d(1, a, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(b, b, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                  nn.Linear(16 * b, features), nn.ReLU())
+        self.head = nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+CLASSIFIER_KIND = "digit-classifier"  # the kind in the metadata of eval.py classifier's .safetensors files
+
+
+def classifier_path(resolution):
+    """Where eval.py classifier caches the classifier of digits at this resolution, and --features classifier
+    reads it (relative to the working folder, as runs/<dataset> is)."""
+    return os.path.join("runs", "digits", f"classifier-{resolution}.safetensors")
+
+
+def is_classifier(path):
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("kind") == CLASSIFIER_KIND
+    except Exception:
+        return False
+
+
+def read_classifier(path, resolution):
+    """(DigitClassifier with its weights, spec) of an eval.py classifier file; the spec (resolution, widths,
+    features, held-out accuracy, ...) is its JSON metadata, so nothing but the class is needed. No pickle."""
+    from safetensors import safe_open
+    build = f"python eval.py classifier --resolution {resolution}" + (
+        "" if path == classifier_path(resolution) else f" --out {path}")
+    if not os.path.isfile(path):
+        raise UsageError(f"the digit classifier {path} does not exist: build it first with {build} (seconds)")
+    try:
+        with safe_open(path, "pt") as f:
+            meta, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("kind") != CLASSIFIER_KIND:
+            raise ValueError(f"its metadata names no {CLASSIFIER_KIND}")
+        spec = json.loads(meta["spec"])
+        net = load_state(DigitClassifier(spec["widths"], spec["features"]), sd, f"the digit classifier {path}")
+    except UsageError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"the digit classifier {path} could not be read ({first}): build it again with "
+                         f"{build}") from None
+    return net, spec
+
+
+class ClassifierFeatures:
+    """Independent features for digits: the penultimate layer of eval.py classifier's DigitClassifier. `path`:
+    "classifier" (the cached file of the generator's resolution, classifier_path) or such a file."""
+
+    def __init__(self, path, device, shape):
+        res = shape[-1]
+        path = classifier_path(res) if path == "classifier" else path
+        net, spec = read_classifier(path, res)
+        r = spec["resolution"]
+        if tuple(shape) != (1, r, r):
+            raise UsageError(f"the digit classifier {path} takes 1x{r}x{r} images, the generator makes "
+                             f"{'x'.join(map(str, shape))}")
+        self.net, self.device = net.to(device).eval(), device
+        st = os.stat(path)
+        self.name = f"classifier-{os.path.abspath(path)}-{st.st_size}-{st.st_mtime_ns}"
+        self.describe = f"the digit classifier {path} (held-out accuracy {100 * spec['accuracy']:.1f} %)"
+
+    @torch.no_grad()
+    def __call__(self, images):
+        return self.net.body(images.to(self.device).float() / 127.5 - 1).cpu().numpy()
+
+
+def feature_network(features, mode, device, shape, load_field):
+    """FID features: "inception" (clean-fid), "classifier" or a classifier file (digits), or a UNet file."""
+    if features == "inception":
+        return InceptionFeatures(mode, device)
+    if features == "classifier" or is_classifier(features):
+        return ClassifierFeatures(features, device, shape)
+    return NetworkFeatures(features, device, shape[-1], load_field)
+
+
 def real_images(data, batch_size=500):
     """uint8 N x C x H x W batches of a data set as the generator sees it (resized, cropped; no flips)."""
     if data.files is None:
@@ -2006,11 +2098,12 @@ class FID:
 
     ref: "cifar10" with Inception features takes clean-fid's precomputed CIFAR-10 train statistics (the
     paper's protocol); a .npz holds mu and sigma; anything else names images as --dataset takes them, whose
-    statistics are computed once and cached in cache_dir.
+    statistics are computed once and cached in cache_dir. features: feature_network's. floor: keep the reference
+    images' features for floor() (eval.py fid; a training run's model selection has no floor to draw).
     """
 
     def __init__(self, ref, features, mode, shape, device, cache_dir, load=None, batch_size=500, bf16=False,
-                 ranks=None, generate=None, load_field=None):
+                 ranks=None, generate=None, load_field=None, floor=False):
         mode = mode if mode != "auto" else "legacy_tensorflow" if ref == "cifar10" else "clean"
         self.shape, self.device, self.batch_size, self.bf16 = tuple(shape), device, batch_size, bf16
         self.ranks, self.generate, self.sources = ranks or Ranks(), generate, None
@@ -2023,11 +2116,12 @@ class FID:
                          f"clean-fid {mode}, CIFAR-10 train statistics")
         elif ref.endswith(".npz"):
             reference = (*read_statistics(ref), ref)
-        self.extract = (InceptionFeatures(mode, device) if features == "inception"
-                        else NetworkFeatures(features, device, shape[-1], load_field))
+        self.extract = feature_network(features, mode, device, self.shape, load_field)
+        self.keep, self.real, self.real_features = floor, None, None  # for floor(): the reference's images, features
         self.mu, self.sigma, self.ref = reference or self.data_statistics(ref, load, cache_dir)
-        self.describe = f"{'Inception, ' + mode if features == 'inception' else 'features of ' + features}; " \
-                        f"reference {self.ref}"
+        what = f"Inception, {mode}" if features == "inception" else getattr(self.extract, "describe",
+                                                                          f"features of {features}")
+        self.describe = f"{what}; reference {self.ref}"
 
     def data_statistics(self, ref, load, cache_dir):
         data = load(ref)
@@ -2037,20 +2131,38 @@ class FID:
             raise UsageError(f"the FID reference {ref} holds {'x'.join(map(str, data.shape()))} "
                              f"{'images' if data.kind == 'image' else 'points'}, but the generator makes "
                              f"{'x'.join(map(str, self.shape))} images")
+        self.real = data
         key = hashlib.sha1(json.dumps([os.path.abspath(ref) if os.path.exists(ref) else ref, list(self.shape),
                                        len(data), self.extract.name]).encode()).hexdigest()[:12]
         path = os.path.join(cache_dir, f"fid-reference-{key}.npz")
         if os.path.isfile(path):
             mu, sigma = read_statistics(path)
         else:
-            from tqdm import tqdm
-            batches = tqdm(real_images(data, self.batch_size), desc=f"FID reference: {len(data)} images",
-                           total=math.ceil(len(data) / self.batch_size), unit="batch", disable=None, leave=False)
-            mu, sigma = statistics(np.concatenate([self.extract(x) for x in batches]))
+            features = self.reference_features()
+            mu, sigma = statistics(features)
+            self.real_features = features if self.keep else None
             os.makedirs(cache_dir, exist_ok=True)
             save_checkpoint(dict(mu=mu, sigma=sigma, n=len(data), ref=ref), path,
                             write=lambda arrays, f: np.savez(f, **arrays))
         return mu, sigma, f"{ref} ({len(data)} images; statistics cached in {path})"
+
+    def reference_features(self):
+        from tqdm import tqdm
+        data = self.real
+        batches = tqdm(real_images(data, self.batch_size), desc=f"FID reference: {len(data)} images",
+                       total=math.ceil(len(data) / self.batch_size), unit="batch", disable=None, leave=False)
+        return np.concatenate([self.extract(x) for x in batches])
+
+    def floor(self, n, seed=0):
+        """The floor of an FID of n samples: FID of n real reference images drawn with replacement (seeded), in the
+        same features against the same statistics: what a generator of exactly the reference's distribution (its
+        images, each equally likely) scores at this n. None against precomputed statistics (no images to draw)."""
+        if self.real is None:
+            return None
+        if self.real_features is None:  # the statistics came from the cache: the images' features, once
+            self.real_features = self.reference_features()
+        rows = np.random.default_rng(seed).integers(len(self.real_features), size=n)
+        return frechet_distance(*statistics(self.real_features[rows]), self.mu, self.sigma)
 
     def features(self, net, n, seed, steps=None, num_classes=None, matching=None):
         """Features of n generated images; under torchrun this rank's share of them, from its own seed."""
