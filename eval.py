@@ -1104,7 +1104,7 @@ def main(argv=None):
     c = sub.add_parser("classifier", help="train and cache the digit classifier whose penultimate features are "
                                           "digits' independent FID features (--features classifier; seconds)")
     c.add_argument("--resolution", type=int, default=16, help="image side of the digits (8, 16 or 32)")
-    c.add_argument("--epochs", type=int, default=30, help="passes over the 1437 training digits")
+    c.add_argument("--epochs", type=int, default=30, help="passes over the 1438 training digits")
     c.add_argument("--seed", type=int, default=0, help="draws the weights and batches (the held-out split is fixed)")
     c.add_argument("--out", default="", help="default runs/digits/classifier-<resolution>.safetensors, where "
                                              "--features classifier looks")
