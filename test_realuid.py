@@ -901,13 +901,15 @@ def test_distillation_on_2d_beats_the_teachers_one_step(toy_run):
 @pytest.mark.slow
 def test_a_2d_distillation_keeps_precision_and_recall_near_its_teachers(toy_run):
     # k-NN precision and recall (k = 5) see what W2 does not: a dropped mode costs recall 1/8, filaments between
-    # modes cost precision. Measured on this run (1500 updates, 600 points, the Fourier-feature teacher): the best
-    # net's precision 0.903 and recall 0.945 against the teacher's 0.964 and 0.984 (docs/fine-detail.md)
+    # modes cost precision. Measured on this run (1500 updates, 600 points): the best net's precision 0.916 and
+    # recall 0.965 against the teacher's 0.964 and 0.984. Each regression of the recipe fails it: the generator's
+    # lr of the recipe before (3e-4) 0.903 / 0.945, a teacher without Fourier features 0.898 / 0.935 against its
+    # own 0.946 / 0.990 (docs/fine-detail.md)
     results = json.load(open(toy_run / "results.json"))
     teacher = results["teacher, 100 steps"]
     best = min((v for k, v in results.items() if k.startswith("RealUID")), key=lambda v: v["w2"])
-    assert best["precision"] >= teacher["precision"] - 0.07, results
-    assert best["recall"] >= teacher["recall"] - 0.12, results
+    assert best["precision"] >= teacher["precision"] - 0.055, results
+    assert best["recall"] >= teacher["recall"] - 0.03, results
     assert results["real training points"]["precision"] > teacher["precision"] > 0.9, results  # the floor's row
     assert results["generator's start, 1 step"]["recall"] < 0.5, results  # what distillation starts from
 
