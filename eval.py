@@ -40,7 +40,7 @@ from runtime import (CLASSIFIER_KIND, DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, 
                      count_parameters, cycled, fail, latest_checkpoint, load_checkpoint, load_data, load_digits,
                      load_reference_data, make_config, pair_grid,
                      paired_scores, pyplot, refusing, resolve_device, save_checkpoint, save_grid, save_json,
-                     set_precision, teacher_recipes, to_data_units, to_uint8, use_bf16)
+                     set_precision, stored_matching, teacher_recipes, to_data_units, to_uint8, use_bf16)
 
 
 # =============================================================================
@@ -839,7 +839,7 @@ def load_net(args):
                            **(dict(image_size=args.resolution) if args.resolution else {}))
     steps = None if ckpt.get("kind") == "generator" else (getattr(args, "steps", None) or 100)
     with refusing():
-        return path, net, ckpt, steps, matching_model(ckpt.get("matching"))
+        return path, net, ckpt, steps, matching_model(stored_matching(ckpt))
 
 
 def cmd_efficiency(args):

@@ -344,8 +344,7 @@ def time_grid(i, steps, x):
 
 
 def top_band(m, high, band=5):
-    """m.high, the share of distillation's draws in the top band [sigma_init / band, sigma_init], and t_band, the
-    time of its lowest noise level."""
+    """m.high, the draws' share in the top band [sigma_init / band, sigma_init]; t_band, its lowest level's time."""
     if not 0 <= high <= 1:
         raise ValueError(f"--high-noise is a share of the draws, in [0, 1] (got {high})")
     m.high, m.t_band = high, min(1.0, m.t_of_sigma(m.sigma_init / band)) if high else None
@@ -402,10 +401,9 @@ class MatchingModel:
 class FlowMatching(MatchingModel):
     """x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I); conditional target u_t(x_t | x1, x0) = x1 - x0 (eq. 2).
 
-    The one-step generator is the teacher's denoiser x1_hat = x + (1 - t) f at the noise level
-    sigma = (1 - t) / t = sigma_init, G(z) = x1_hat((1 - t_g) z) at t_g = 1 / (1 + sigma_init), and distillation
-    sees only t >= t_g: SiD's choices (see Diffusion), carried over. Without sigma_init t_g = 0: the paper's
-    G(z) = z + g(0, z), with times uniform on [0, 1].
+    The one-step generator is the teacher's denoiser x1_hat = x + (1 - t) f at the noise level sigma = (1 - t) / t =
+    sigma_init, G(z) = x1_hat((1 - t_g) z) at t_g = 1 / (1 + sigma_init), and distillation sees only t >= t_g: SiD's
+    choices (see Diffusion), carried over. Without sigma_init t_g = 0: the paper's G(z) = z + g(0, z), t ~ U[0, 1].
     """
 
     def __init__(self, sigma_init=None, high=0.0):
@@ -474,14 +472,16 @@ class Diffusion(MatchingModel):
     Distillation (SiD's choices): the one-step generator is the teacher's denoiser at the noise level
     sigma_init, G(z) = x1_hat(s z) at t_g; the fake model and the generator loss see only the lower noise levels
     (t >= t_g); the generator loss (but v's) is read in the denoiser's units and divided per sample by the
-    teacher's mean absolute denoising error of that sample (SiD's normalisation).
+    teacher's mean absolute denoising error of that sample (SiD's normalisation). clip (images: 1, their range):
+    the sampler clamps x1_hat to [-clip, clip], DDPM's clip_sample (eps's x1_hat multiplies f's error by s / a).
     """
     P_MEAN, P_STD = -0.5, 1.2
 
-    def __init__(self, type="vp", param="eps", sigma_init=2.5, lam=(-10.0, 10.0), sigma=(80.0, 0.002), high=0.0):
-        if type not in ("vp", "ve") or param not in ("eps", "score", "edm", "v"):
-            raise ValueError(f"unknown diffusion {type!r} / parameterisation {param!r}")
-        self.type, self.param, self.sigma_init, self.lam, self.sigma = type, param, sigma_init, lam, sigma
+    def __init__(self, type="vp", param="eps", sigma_init=2.5, lam=(-10.0, 10.0), sigma=(80.0, 0.002), high=0.0,
+                 clip=None):
+        if type not in ("vp", "ve") or param not in ("eps", "score", "edm", "v") or (clip or 0) < 0:
+            raise ValueError(f"unknown diffusion {type!r} / parameterisation {param!r} / clip {clip!r}")
+        self.type, self.param, self.sigma_init, self.lam, self.sigma, self.clip = type, param, sigma_init, lam, sigma, clip
         self.t_g = self.t_of_sigma(sigma_init)
         if not 0 <= self.t_g < 1 or not self.sigma_range()[0] < sigma_init <= self.sigma_range()[1]:
             raise ValueError(f"--sigma-init {sigma_init} lies outside this diffusion's noise levels")
@@ -489,7 +489,7 @@ class Diffusion(MatchingModel):
 
     def spec(self):
         return dict(type=self.type, param=self.param, sigma_init=self.sigma_init, lam=list(self.lam),
-                    sigma=list(self.sigma)) | (dict(high=self.high) if self.high else {})
+                    sigma=list(self.sigma)) | {k: v for k, v in dict(high=self.high, clip=self.clip).items() if v}
 
     def sigma_range(self):
         return (math.exp(-self.lam[1] / 2), math.exp(-self.lam[0] / 2)) if self.type == "vp" else self.sigma[::-1]
@@ -593,7 +593,8 @@ class Diffusion(MatchingModel):
             t, t_next = time_grid(i, steps, x), time_grid(i + 1, steps, x)
             (a, s, k), (a_next, s_next, _) = ([pad_like(v, x) for v in self.a_s(u)] for u in (t, t_next))
             x1 = self.denoise(field(t, x, y), x, t)
-            eps = (x - a * x1) / s
+            x1 = x1.clamp(-self.clip, self.clip) if self.clip else x1
+            eps = (x - a * x1) / s  # from the clamped x1_hat: DDIM stays consistent
             if not sde or i == steps - 1:
                 x = a_next * x1 + s_next * eps
             else:  # the linear drift a'/a x integrated exactly, the score term by Euler
@@ -613,8 +614,7 @@ class Interpolant(MatchingModel):
     bridge (Brownian bridge matching, eq. 39): gamma_t = sigma sqrt(t (1 - t)); target the bridge's drift
         (x1 - x_t) / (1 - t); sampled by Euler-Maruyama of dx = v dt + sigma dW.
     The one-step generator G(z, x_T) = x0 + g(0, x0, x_T) is the teacher's first Euler step (IBMD's form).
-    noise holds (x0, eps) stacked on dim 1.
-    """
+    noise holds (x0, eps) stacked on dim 1."""
     coupled = True
 
     def __init__(self, type="si", sigma=0.5, source_noise=0.1, t_max=0.99):

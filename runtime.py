@@ -191,8 +191,9 @@ TEACHER_RECIPES = dict(
 FAMILY_TEACHER_RECIPES = {("lowdim", "vp", "eps"): dict(steps=15000), ("lowdim", "vp", "score"): dict(steps=15000),
                           ("lowdim", "si", ""): dict(fourier=0), ("lowdim", "bridge", ""): dict(fourier=0)}
 # A diffusion's parameterisation when --param is not given, per kind of data. On digits VP (eps) and VE (edm) score
-# about 2.8x flow matching's FID after distillation, and VP (eps)'s DDIM samples leave the data's range, where v
-# comes within 5 to 35 % of it (docs/matching-models.md); on 2D eps and edm reach their teachers
+# about 2.8x flow matching's FID after distillation (VP (eps)'s DDIM samples left the data's range before the
+# sampler's clamp, #39), where v comes within 5 to 35 % of it (docs/matching-models.md); on 2D eps and edm reach
+# their teachers
 DEFAULT_PARAM = dict(lowdim=dict(vp="eps", ve="edm"), digits=dict(vp="v", ve="v"), image=dict(vp="v", ve="v"))
 
 
@@ -204,9 +205,11 @@ def teacher_recipes(model, param=""):
 
 
 def matching_spec(cfg, kind):
-    """The matching model's spec that a teacher's flags ask for (realuid.matching_model builds it)."""
+    """The matching model's spec that a teacher's flags ask for (realuid.matching_model builds it): a diffusion on
+    images (in [-1, 1]) clamps its sampler's x1_hat to that range, on 2D data (unbounded) it does not."""
     if cfg.model in ("vp", "ve"):
-        return dict(type=cfg.model, param=cfg.param or DEFAULT_PARAM[kind][cfg.model])
+        return dict(type=cfg.model, param=cfg.param or DEFAULT_PARAM[kind][cfg.model]) | (
+            {} if kind == "lowdim" else dict(clip=1.0))
     if cfg.model in ("si", "bridge"):
         return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise)
     return dict(type="fm")
@@ -847,12 +850,21 @@ def check_teacher_data(path, ckpt, data):
                          f"{'drop' if data.num_classes is None else 'add'} --cond or use another teacher")
 
 
+def stored_matching(ckpt):
+    """A checkpoint's matching-model spec (none, as in torchcfm's and the official files: flow matching); a diffusion
+    on images saved before its sampler clamped x1_hat (matching_spec) gets the images' range."""
+    spec = dict(ckpt.get("matching") or dict(type="fm"))
+    if spec["type"] in ("vp", "ve") and (ckpt.get("data") or {}).get("kind") == "image":
+        spec.setdefault("clip", 1.0)
+    return spec
+
+
 def distill_matching_spec(cfg, ckpt, data, path, sigma_init, high_noise):
     """realuid.py's matching-model spec: the teacher file's (none, as in torchcfm's and the official files: flow
     matching), with the generator's noise level (--sigma-init, default sigma_init) and the share of the top band
     (--high-noise, default high_noise on low-dim data, 0 on images) for diffusion, and for flow matching on low-dim
     data or given --sigma-init."""
-    spec = dict(ckpt.get("matching") or dict(type="fm"))
+    spec = stored_matching(ckpt)
     if cfg.model and cfg.model != spec["type"]:
         raise UsageError(f"teacher {path} is a {spec['type']} model, not --model {cfg.model}")
     given = cfg.sigma_init is not None

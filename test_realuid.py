@@ -1963,6 +1963,43 @@ def test_diffusion_target_minimiser_sampler_and_one_step_are_the_closed_forms(ki
     torch.testing.assert_close(m.one_step(field, z), expected)
 
 
+def test_a_diffusion_on_images_clamps_its_samplers_x1_hat_to_their_range_and_on_2d_data_never():
+    # issue #39: the VP (eps) digits teacher's DDIM samples left [-1, 1]. eps's x1_hat = (x - s f) / a multiplies
+    # an error of f by s / a = 148 at t = 0; the sampler clamps x1_hat to the images' range, and eps read off it
+    g = torch.Generator().manual_seed(0)
+    x1, z = torch.rand(1, 1, 4, 4, generator=g) * 1.8 - 0.9, torch.randn(64, 1, 4, 4, generator=g)
+    free, clip = R.Diffusion("vp", "eps"), R.Diffusion("vp", "eps", clip=1.0)
+
+    def slightly_off(t, x, y):  # the data point's exact eps, 0.03 off
+        a, s, _ = (R.pad_like(u, x) for u in free.a_s(t))
+        return (x - a * x1) / s + 0.03
+
+    def unseen_signal_kept(t, x, y):  # exact where x / a lies in the data's range, eps = 0 (x1_hat = x / a) beyond
+        a, s, _ = (R.pad_like(u, x) for u in free.a_s(t))
+        return torch.where((x / a).abs() > 1.5, 0.0, slightly_off(t, x, y))
+    t0 = torch.zeros(64)
+    assert float((free.denoise(slightly_off(t0, z, None), z, t0) - x1).abs().min()) > 4  # 0.03 x 148
+    for field, steps in ((slightly_off, 1), (unseen_signal_kept, 100)):
+        for sde in (False, True):
+            assert float(free.sample(field, z, steps, sde=sde, gen=g).abs().max()) > 2, (field, steps, sde)
+            # within [-1, 1] but for the last step's s_1 eps, s_1 = 0.0067
+            assert float(clip.sample(field, z, steps, sde=sde, gen=g).abs().max()) <= 1.03, (field, steps, sde)
+    # the spec carries clip: set for a diffusion teacher of images, never on 2D data nor for flow matching
+    assert R.matching_model(clip.spec()).spec() == clip.spec() and clip.spec()["clip"] == 1.0
+    assert "clip" not in free.spec()
+    for model, kind, clipped in (("vp", "digits", True), ("ve", "image", True), ("vp", "lowdim", False),
+                                 ("fm", "digits", False)):
+        spec = RT.matching_spec(RT.make_config(RT.TeacherConfig, dict(model=model)), kind)
+        assert ("clip" in spec) == clipped and R.matching_model(spec).spec().get("clip") == (1.0 if clipped else None)
+    # a diffusion teacher file of images saved before the clip gets it on loading, a 2D one does not
+    old = dict(matching=dict(type="vp", param="eps"), data=dict(kind="image"))
+    assert RT.stored_matching(old)["clip"] == 1.0
+    assert "clip" not in RT.stored_matching(old | dict(data=dict(kind="lowdim")))
+    assert RT.stored_matching(dict(data=dict(kind="image"))) == dict(type="fm")
+    with pytest.raises(ValueError, match="clip"):
+        R.Diffusion("vp", "eps", clip=-1.0)
+
+
 def test_the_stochastic_samplers_draw_their_noise_from_the_seed_not_the_global_state():
     # the bridge teacher's sampler and diffusion's reverse SDE: the same seed gives the same samples after any
     # other use of torch's global generator, and another seed other samples
