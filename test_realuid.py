@@ -2252,7 +2252,8 @@ def test_every_variant_runs_on_diffusion_digits_and_bridge_pairs(flags, tmp_path
     assert R.main(["--dataset", "digits", "--resolution", "8", "--teacher", str(vp_score_digits_teacher), "--steps",
                    "6", "--K", "2", "--batch-size", "8", "--out", str(tmp_path / "d")] + flags) == 0
     ckpt = torch.load(RT.latest_checkpoint(str(tmp_path / "d")), weights_only=True)
-    assert ckpt["matching"] == dict(type="vp", param="score", sigma_init=2.5, lam=[-10.0, 10.0], sigma=[80.0, 0.002])
+    assert ckpt["matching"] == dict(type="vp", param="score", sigma_init=2.5, lam=[-10.0, 10.0], sigma=[80.0, 0.002],
+                                    clip=1.0)  # images: the sampler clamps x1_hat to their range
     assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
     bridge = ["--dataset", "pairs", "--teacher", str(tiny_families["bridge"] / "teacher.pt"), "--steps", "6",
               "--K", "2", "--batch-size", "16", "--eval-samples", "200", "--out", str(tmp_path / "b")] + flags
