@@ -1669,6 +1669,28 @@ def test_precision_and_recall_are_the_shares_inside_the_other_sets_nearest_neigh
     assert RT.precision_recall(wide, held)[0] < RT.precision_recall(x.numpy(), held)[0] - 0.1
 
 
+def test_model_selection_lets_a_later_net_win_within_the_lowest_scores_standard_error(tmp_path):
+    # W2 over 4 draws: 0.50 +- 0.04 kept; 0.45 +- 0.03 lower; 0.47 within 0.45's sem wins (the later net), and
+    # does not move the bound; 0.49 beyond 0.45 + 0.03 loses; 0.44 +- 0.01 lower again, and 0.455 beyond it loses
+    bound, kept = None, []
+    for step, (w2, sem) in enumerate([(0.50, 0.04), (0.45, 0.03), (0.47, 0.05), (0.49, 0.0), (0.44, 0.01),
+                                      (0.455, 0.0), (0.45, 0.0)]):
+        new = RT.later_wins(w2, sem, bound)
+        if new:
+            bound, kept = new, kept + [step]
+    assert kept == [0, 1, 2, 4, 6] and bound == (0.44, 0.45)
+    assert RT.later_wins(0.3, 0.0, (0.3, 0.3)) == (0.3, 0.3)  # FID (no sem): a tie goes to the later net
+    # across the run's best files: the latest within the lowest score's sem, else the lowest
+    net = R.MLPField(dim=2, hidden=8)
+    for name, step, score, sem in [("generator", 4000, 0.43, 0.04), ("0.99", 2000, 0.41, 0.03),
+                                   ("0.995", 6000, 0.45, 0.01)]:
+        RT.save_checkpoint(dict(field=dict(type="mlp", dim=2, hidden=8), generator=net.state_dict(), matching=dict(type="fm", sigma_init=2.5),
+                                step=step, score=score, sem=sem), str(tmp_path / f"best-{name}.pt"))
+    assert eval_py.best_one_step(tmp_path)[:2] == ("generator", 4000)
+    os.remove(tmp_path / "best-generator.pt")
+    assert eval_py.best_one_step(tmp_path)[:2] == ("0.99", 2000)
+
+
 @pytest.mark.slow
 def test_toy_run_selects_by_w2_and_covers_every_mode(toy_run):
     results = json.load(open(toy_run / "results.json"))
