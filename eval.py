@@ -645,11 +645,11 @@ FAMILIES = {"fm": ("fm", ""), "vp": ("vp", "eps"), "vp-score": ("vp", "score"), 
 def best_one_step(folder):
     """The run's best one-step net by model selection, (name, step, network, its matching model: the teacher's
     family with the generator's noise level sigma_init): of its best-<net>.pt files, the latest within the lowest
-    score's standard error (ModelSelection's tie rule; files without one: the lowest score)."""
+    score by less than their difference's standard error (ModelSelection's rule; files without one: the lowest)."""
     kept = [load_checkpoint(os.path.join(folder, f)) | dict(name=f[5:-3]) for f in sorted(os.listdir(folder))
             if f.startswith("best-") and f.endswith(".pt")]
     low = min(kept, key=lambda c: c["score"])
-    best = max((c for c in kept if c["score"] <= low["score"] + low.get("sem", 0.0)),
+    best = max((c for c in kept if c["score"] - low["score"] <= math.hypot(c.get("sem", 0.0), low.get("sem", 0.0))),
                key=lambda c: (c["step"], -c["score"]))
     net = build_field(best["field"])
     net.load_state_dict(best["generator"])

@@ -800,6 +800,28 @@ class OneStepGenerator(nn.Module):
         return self.matching.one_step(self.g, z, y)
 
 
+def regression_start(generator, teacher, shape, updates, batch_size, lr, device, num_classes=None, seed=0):
+    """G's start: regressed onto the teacher's 100-step samples from the same z, 50 batches of pairs, Adam on a
+    cosine (Luhman & Luhman 2021; DMD's regression loss). From u*'s one-step form distillation folds G onto
+    separate modes too slowly and leaves points strung between them; this gives G the teacher's fold."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(min(50, updates) * batch_size, *shape, generator=gen).to(device)
+    y = torch.randint(num_classes, (len(z),), generator=gen).to(device) if num_classes else None
+    label = (lambda i: None) if y is None else (lambda i: y[i])
+    x = torch.cat([generator.matching.sample(teacher, z[i:i + batch_size], 100, label(slice(i, i + batch_size)))
+                   for i in range(0, len(z), batch_size)])
+    optimiser = torch.optim.Adam(generator.parameters(), lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, updates)
+    for _ in range(updates):
+        i = torch.randint(len(z), (batch_size,), generator=gen).to(device)
+        loss = sqnorm(generator(z[i], label(i)) - x[i]).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        sched.step()
+    return float(loss.detach())
+
+
 def ema_decay(decay, n, rampup=0.0):
     """The decay of an EMA at the generator's n-th update. EDM's ramp-up (SiD's distillation keeps it, at 0.05)
     caps the half-life at rampup * n updates, so that an EMA of a short run forgets its start."""
@@ -1108,16 +1130,9 @@ def prepare_teacher(cfg, data, out, device, ranks=None):
 
 def teacher_matching(cfg, ckpt, data, path):
     """The distillation's matching model: the teacher file's family with SiD's generator noise level and the top
-    band where they apply (runtime.distill_matching_spec)."""
+    band where they apply (runtime.distill_matching_spec, which refuses a family the data or the loss cannot use)."""
     with refusing():
-        matching = matching_model(distill_matching_spec(cfg, ckpt, data, path, SIGMA_INIT, HIGH_NOISE))
-    kind = matching.spec()["type"]
-    if matching.coupled != data.coupled:
-        raise UsageError(f"{kind} {'needs' if matching.coupled else 'cannot use'} data-to-data pairs "
-                         f"(--dataset pairs), and {cfg.dataset} {'is' if data.coupled else 'is not'} paired")
-    if cfg.dmd and matching.score is None:
-        raise UsageError(f"--dmd needs a score, which {kind} does not define; use fm, vp or ve")
-    return matching
+        return matching_model(distill_matching_spec(cfg, ckpt, data, path, SIGMA_INIT, HIGH_NOISE))
 
 
 # =============================================================================
@@ -1148,6 +1163,9 @@ class Config(Method, DistillFlags):
                          choices=("random", "teacher"))
     init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
     init_ema: float = opt(None, "EMA decay to take from --init-generator (default: its raw generator)", type=float)
+    regress: float = opt(0.0, "G's start: regression onto the teacher's 100-step samples for this share of --steps, "
+                              "then the fake model from u* (0: G starts as u*'s one-step form; low-dim: 1/3)",
+                         type=float)
     hidden: int = opt(256, "MLP width (low-dimensional data)")
     teacher_steps: int = opt(None, "updates of the on-the-spot teacher (low-dim data, no --teacher); default: its "
                                    "family's recipe, 10000 (VP with eps or score: 15000)", type=int)
@@ -1158,17 +1176,18 @@ class Config(Method, DistillFlags):
 # teacher's one step; paired digits keep it, near the data there (matching-models.md).
 RECIPES = dict(
     lowdim=dict(lr=1e-3, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
-                log_every=50, save_every=2000, fid_every=2000),
+                log_every=50, save_every=2000, fid_every=2000, regress=1 / 3),
+    lowdim_pairs=dict(regress=0),  # on top of lowdim, for si and bridge: their noise is the source's
     digits=dict(lr=3e-4, batch_size=64, steps=1200, warmup=100, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
                 log_every=50, save_every=600, sample_every=300, fid_samples=2000),
     digits_pairs=dict(ema_rampup=0.0),  # on top of digits, for digits-sr and digits-inpaint
     image={})
 
-FINETUNE_RECIPE = dict(lr=1e-5, warmup=0)  # App. D.2
+FINETUNE_RECIPE = dict(lr=1e-5, warmup=0, regress=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
 HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
 FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f in fields(Method)] + [
-    "batch_size", "sigma_init", "high_noise", "fake_init", "init_generator", "init_ema"]),
+    "batch_size", "sigma_init", "high_noise", "fake_init", "init_generator", "init_ema", "regress"]),
                ("the teacher", ("model", "teacher", "teacher_ema", "teacher_steps", "hidden", "num_heads",
                                 "num_head_channels")),
                ("data", DATA_FLAGS), ("model selection and the closing scores", SELECTION_FLAGS))
@@ -1194,7 +1213,10 @@ def main(argv=None):
         with refusing():
             check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
         check_loss_flags(cfg)
+        if cfg.regress and data.coupled:
+            raise UsageError("--regress needs noise-to-data (fm, vp, ve); paired data start from their sources")
         ranks, device, out, created = open_run(cfg, data)
+        say = print if ranks.main else lambda *a: None
         torch.manual_seed(cfg.seed)
         teacher, teacher_ckpt = prepare_teacher(cfg, data, out, device, ranks)
         matching = teacher_matching(cfg, teacher_ckpt, data, cfg.teacher or os.path.join(out, "teacher.pt"))
@@ -1206,13 +1228,21 @@ def main(argv=None):
             load_state(g, sd, f"--init-generator {cfg.init_generator}")
         torch.manual_seed(cfg.seed + 1)
         fake = build_field(spec)
-        if cfg.fake_init == "teacher" or cfg.init_generator:
+        regress = 0 if resume is not None else round(cfg.regress * cfg.steps)  # a resumed run restores G
+        if cfg.fake_init == "teacher" or cfg.init_generator or regress:  # G then samples about u*'s law
             fake.load_state_dict(teacher.state_dict())
         place([teacher, fake, g], device, cfg.channels_last and spec["type"] == "unet", cfg.compile)
+        if regress:  # before RealUID copies G into its EMAs
+            say(f"realuid: G's start, {regress} updates of regression onto the teacher's 100-step samples")
+            loss = regression_start(OneStepGenerator(g, matching), teacher, tuple(data.shape()), regress,
+                                    cfg.batch_size, cfg.lr, device, data.num_classes if cfg.cond else None, cfg.seed)
+            say(f"realuid: G's start regressed (mean squared error {loss:.4f})")
+        start = copy.deepcopy(g) if regress else None if cfg.regress else teacher  # resumed: the start is gone
         guard = Guard(ranks, ["fake model" + (" or discriminator" if cfg.gan else ""), "generator"], device)
         with refusing():  # the method's own checks (the GAN head's feature size)
             state = RealUID(cfg, teacher, fake, g, matching, spec, use_bf16(cfg.precision, device, spec),
                             ranks.draw, guard)
+        state.start = start  # for the closing table
         meta = dict(data=data.info(cfg.dataset), field=spec, matching=matching.spec())
         scorer = None
         if cfg.fid_every:  # built before training, so that a missing download fails now, not after hours
@@ -1224,7 +1254,6 @@ def main(argv=None):
             rewind_metrics(out, state.step)
     except (UsageError, Diverged) as e:  # Diverged: a teacher trained on the spot
         return failed("realuid.py", e, created)
-    say = print if ranks.main else lambda *a: None
     if ranks.main:
         save_json(config_dict(cfg), os.path.join(out, "arguments.json"))
     say(f"realuid: {state.name} on {cfg.dataset} ({len(data)} items), alpha={cfg.alpha} beta={cfg.beta} "

@@ -278,7 +278,7 @@ POSITIVE = ("K", "batch_size", "steps", "log_every", "save_every", "sample_every
 NON_NEGATIVE = ("warmup", "fid_every", "skip_nonfinite", "ema_rampup")
 SIZE_LIMITS = dict(hidden=(1, 65536), channels=(32, 4096), num_res_blocks=(1, 32), workers=(0, 256),
                    resolution=(0, 4096), eval_samples=(1, 10 ** 7), fid_samples=(1, 10 ** 7),
-                   teacher_steps=(1, 10 ** 9), fourier=(0, 4096))
+                   teacher_steps=(1, 10 ** 9), fourier=(0, 4096), regress=(0, 100))
 
 
 @contextlib.contextmanager
@@ -865,8 +865,14 @@ def distill_matching_spec(cfg, ckpt, data, path, sigma_init, high_noise):
     (--high-noise, default high_noise on low-dim data, 0 on images) for diffusion, and for flow matching on low-dim
     data or given --sigma-init."""
     spec = stored_matching(ckpt)
-    if cfg.model and cfg.model != spec["type"]:
-        raise UsageError(f"teacher {path} is a {spec['type']} model, not --model {cfg.model}")
+    kind, coupled = spec["type"], spec["type"] in ("si", "bridge")
+    if cfg.model and cfg.model != kind:
+        raise UsageError(f"teacher {path} is a {kind} model, not --model {cfg.model}")
+    if coupled != data.coupled:
+        raise UsageError(f"{kind} {'needs' if coupled else 'cannot use'} data-to-data pairs (--dataset pairs), and "
+                         f"{cfg.dataset} {'is' if data.coupled else 'is not'} paired")
+    if cfg.dmd and coupled:
+        raise UsageError(f"--dmd needs a score, which {kind} does not define; use fm, vp or ve")
     given = cfg.sigma_init is not None
     if spec["type"] in ("vp", "ve") or (spec["type"] == "fm" and (given or data.kind == "lowdim")):
         spec["sigma_init"] = cfg.sigma_init if given else sigma_init
@@ -1797,10 +1803,11 @@ def report_lowdim(state, data, out, device, generate, seed=0):
     """The default run's closing table: W2, energy distance and mode coverage against held-out real data,
     and a scatter plot."""
     held = HeldOut(data, generate, state.matching, device, seed)
+    start = getattr(state, "start", state.teacher)  # u*'s one-step form, or G regressed (realuid.py --regress)
     rows = {"real training points": held.floor(),
             "teacher, 1 step": held.sample(state.teacher, 1),
             "teacher, 100 steps": held.sample(state.teacher, 100),
-            "generator's start, 1 step": held.sample(state.teacher),  # G begins as the teacher's one-step form
+            **({} if start is None else {"generator's start, 1 step": held.sample(start)}),
             f"{state.name} generator, 1 step": held.sample(state.generator.g)}
     for decay, net in state.ema.items():
         rows[f"{state.name} EMA {decay}, 1 step"] = held.sample(net)
@@ -2222,14 +2229,14 @@ def load_reference_data(resolution, data_root):
     return load
 
 
-def later_wins(value, sem, bound=None):
-    """The one-standard-error rule of model selection: a later score wins when it is below the lowest so far or
-    within that lowest score's standard error. bound: (lowest, lowest + its sem), None before the first score.
-    Returns the bound after this score when it wins, else None."""
-    low, tie = bound or (math.inf, math.inf)
+def later_wins(value, sem, lowest=None):
+    """The one-standard-error rule of model selection: a later score wins when it is below the lowest so far, or
+    above it by less than the standard error of their difference, sqrt(sem^2 + sem_lowest^2). lowest: (score, sem)
+    of the lowest so far, None before the first score. Returns the lowest after this score when it wins, else None."""
+    low, low_sem = lowest or (math.inf, 0.0)
     if value < low:
-        return value, value + sem
-    return (low, tie) if value <= tie else None
+        return value, sem
+    return (low, low_sem) if value - low <= math.hypot(sem, low_sem) else None
 
 
 def lowdim_scores(metrics, draws):
@@ -2242,9 +2249,10 @@ class ModelSelection:
     """Scores the generator and every EMA; keeps best-<net>.pt (best-generator.pt, best-0.999.pt, ...) holding
     the weights with the lowest score so far. Images: FID; low-dim data: W2 to the held-out points.
 
-    Low-dim W2 comes with its standard error over the draws (sem), and a later net wins a tie within the lowest
-    score's sem (the one-standard-error rule, Breiman et al. 1984): at lr 1e-3 plain W2 kept nets of updates
-    2000 to 6000, lower only within W2's noise, whose recall was up to 0.05 below the last net's (fine-detail.md)."""
+    Low-dim W2 comes with its standard error over the draws (sem), and a later net wins when its W2 is above the
+    lowest by less than their difference's standard error (the one-standard-error rule, Breiman et al. 1984): at
+    lr 1e-3 plain W2 kept nets of updates 2000 to 6000, lower only within W2's noise, whose recall was up to 0.05
+    below the last net's (fine-detail.md)."""
 
     def __init__(self, cfg, data, out, device, meta, matching, generate, load_field, resumed=False, ranks=None):
         self.cfg, self.out, self.meta, self.device, self.ranks = cfg, out, meta, device, ranks or Ranks()
@@ -2264,12 +2272,12 @@ class ModelSelection:
                 print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
             self.scores = lambda net: dict(fid=fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching))
             self.fid = fid
-        self.best, self.bound = {}, {}  # a fresh run overwrites older best files; a resumed one keeps its scores
+        self.best, self.lowest = {}, {}  # a fresh run overwrites older best files; a resumed one keeps its scores
         for name in os.listdir(out) if resumed else []:
             if name.startswith("best-") and name.endswith(".pt"):
                 ckpt = load_checkpoint(os.path.join(out, name))
                 self.best[name[5:-3]] = ckpt["score"]
-                self.bound[name[5:-3]] = tuple(ckpt.get("bound", (ckpt["score"], ckpt["score"])))
+                self.lowest[name[5:-3]] = tuple(ckpt.get("lowest", (ckpt["score"], 0.0)))
 
     def __call__(self, state, step):
         """Scores on every rank (FID generation is split across them); rank 0 keeps the files. W2 is rank 0's."""
@@ -2281,13 +2289,13 @@ class ModelSelection:
             scores = self.scores(net)
             row |= {f"{k}/{name}": v for k, v in scores.items()}
             value, sem = scores[self.metric], scores.get(f"{self.metric}_sem", 0.0)
-            bound = later_wins(value, sem, self.bound.get(name))
-            if bound and self.ranks.main:
+            lowest = later_wins(value, sem, self.lowest.get(name))
+            if lowest and self.ranks.main:
                 try:
                     save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(self.cfg), **self.meta,
-                                         step=step, metric=self.metric, score=value, sem=sem, bound=bound,
+                                         step=step, metric=self.metric, score=value, sem=sem, lowest=lowest,
                                          generator=net.state_dict()), os.path.join(self.out, f"best-{name}.pt"))
-                    self.best[name], self.bound[name] = value, bound
+                    self.best[name], self.lowest[name] = value, lowest
                 except OSError as e:  # a full disk: the previous best file stays; training goes on
                     print(f"realuid.py: warning: could not write best-{name}.pt ({e.strerror or e})", file=sys.stderr)
         return row
