@@ -2642,10 +2642,11 @@ def test_torchrun_with_two_ranks_trains_what_one_process_trains_and_resumes_in_o
     runs = []
     for ranks, steps in ((1, "18"), (2, "12")):  # the two-rank run stops at 12; one process finishes it
         out = tmp_path / f"run{ranks}"
-        # a constant lr: the recipe's cosine decay follows --steps, which the resume below changes
+        # a constant lr and no regression start: the recipe's cosine decay and regression length follow --steps,
+        # which differs between the two runs
         log = torchrun("realuid.py", *common, "--teacher", str(tmp_path / "teacher1" / "teacher.pt"), "--steps", steps,
-                       "--K", "2", "--lr-decay", "none", "--log-every", "6", "--fid-every", "0", "--eval-samples", "200", "--out", str(out),
-                       ranks=ranks)
+                       "--K", "2", "--lr-decay", "none", "--regress", "0", "--log-every", "6", "--fid-every", "0",
+                       "--eval-samples", "200", "--out", str(out), ranks=ranks)
         assert log.stdout.count("realuid: RealUID on 8gaussians") == 1  # rank 0 alone speaks
     torchrun("realuid.py", "--resume", str(tmp_path / "run2"), "--steps", "18", ranks=1)
     runs = [RT.load_checkpoint(RT.latest_checkpoint(str(tmp_path / f"run{r}"))) for r in (1, 2)]
@@ -2841,9 +2842,10 @@ def test_a_skipped_update_leaves_weights_moments_and_step_untouched_without_a_ho
 
 
 def test_divergence_stops_at_once_keeping_only_finite_checkpoints_or_skips_when_asked(tiny_run, tmp_path, capsys):
-    # lr 1e30: the first Adam step moves every weight by 1e30, the next forward pass overflows
+    # lr 1e30: the first Adam step moves every weight by 1e30, the next forward pass overflows (no regression start,
+    # which at that lr would hand distillation a generator already non-finite)
     argv = ["--teacher", str(tiny_run / "teacher.pt"), "--lr", "1e30", "--warmup", "0", "--steps", "30", "--K", "2",
-            "--log-every", "5", "--fid-every", "0", "--eval-samples", "200"]
+            "--log-every", "5", "--fid-every", "0", "--eval-samples", "200", "--regress", "0"]
     rc = R.main(argv + ["--save-every", "1", "--out", str(tmp_path / "stop")])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
