@@ -1237,7 +1237,7 @@ def main(argv=None):
             loss = regression_start(OneStepGenerator(g, matching), teacher, tuple(data.shape()), regress,
                                     cfg.batch_size, cfg.lr, device, data.num_classes if cfg.cond else None, cfg.seed)
             say(f"realuid: G's start regressed (mean squared error {loss:.4f})")
-        start = copy.deepcopy(g) if regress else None if cfg.regress else teacher  # resumed: the start is gone
+        start = copy.deepcopy(g) if regress else None if resume is not None and cfg.regress else teacher  # resumed
         guard = Guard(ranks, ["fake model" + (" or discriminator" if cfg.gan else ""), "generator"], device)
         with refusing():  # the method's own checks (the GAN head's feature size)
             state = RealUID(cfg, teacher, fake, g, matching, spec, use_bf16(cfg.precision, device, spec),
