@@ -801,11 +801,12 @@ class OneStepGenerator(nn.Module):
 
 
 def regression_start(generator, teacher, shape, updates, batch_size, lr, device, num_classes=None, seed=0):
-    """G's start: regressed onto the teacher's 100-step samples from the same z, 50 batches of pairs, Adam on a
-    cosine (Luhman & Luhman 2021; DMD's regression loss). From u*'s one-step form distillation folds G onto
-    separate modes too slowly and leaves points strung between them; this gives G the teacher's fold."""
+    """G's start: regressed onto the teacher's 100-step samples from the same z, Adam on a cosine (Luhman & Luhman
+    2021; DMD's regression loss). From u*'s one-step form distillation folds G onto separate modes too slowly and
+    leaves points strung between them; this gives G the teacher's fold. The pairs: 50 batches, or one per 10
+    updates when fewer (sampling them costs 100 updates' worth each; more pairs did not help: fine-detail.md)."""
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(min(50, updates) * batch_size, *shape, generator=gen).to(device)
+    z = torch.randn(min(50, -(-updates // 10)) * batch_size, *shape, generator=gen).to(device)
     y = torch.randint(num_classes, (len(z),), generator=gen).to(device) if num_classes else None
     label = (lambda i: None) if y is None else (lambda i: y[i])
     x = torch.cat([generator.matching.sample(teacher, z[i:i + batch_size], 100, label(slice(i, i + batch_size)))

@@ -1063,6 +1063,14 @@ class Supervisor:
         except OSError as e:
             self.warn(f"could not write the metrics log ({e.strerror or e}); training goes on")
 
+    def scored(self, step):
+        """score(step), logged; a fresh run's supervise scores its start, update 0, this way too."""
+        if self.score:
+            scores = self.score(step)  # every rank: FID generation is split across them
+            if self.ranks.main:
+                self.bar.write(f"update {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+                self.record(dict(step=step, **scores))
+
     def after(self, step, losses):
         """After update `step` (losses: tensors, read only at log lines); True: stop now."""
         self.step = step
@@ -1088,11 +1096,8 @@ class Supervisor:
                 self.sample(step)
             except OSError as e:
                 self.warn(f"could not write the sample grids ({e.strerror or e}); training goes on")
-        if self.score and self.score_every and (step % self.score_every == 0 or step == self.total):
-            scores = self.score(step)  # every rank: FID generation is split across them
-            if ranks.main:
-                self.bar.write(f"update {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-                self.record(dict(step=step, **scores))
+        if self.score_every and (step % self.score_every == 0 or step == self.total):
+            self.scored(step)
         if saving:
             self.save(final=halt or step == self.total)
         if halt:
@@ -1102,8 +1107,9 @@ class Supervisor:
 
 def supervise(loop, state, batches, out=None, meta=None, sample_fn=None, score_fn=None):
     """realuid.py's distill(state, batches, after) under a Supervisor: progress, metrics.jsonl, checkpoints
-    (rank 0), sample grids, scores every cfg.fid_every updates, the non-finite guard's checks (state.apply, a
-    Guard), SIGINT and SIGTERM. Returns None when done, or the signal that stopped it (after a checkpoint)."""
+    (rank 0), sample grids, scores at update 0 and every cfg.fid_every updates, the non-finite guard's checks
+    (state.apply, a Guard), SIGINT and SIGTERM. Returns None when done, or the signal that stopped it (after a
+    checkpoint)."""
     cfg, ranks = state.cfg, getattr(state.apply, "ranks", Ranks())
 
     def write():
@@ -1117,6 +1123,8 @@ def supervise(loop, state, batches, out=None, meta=None, sample_fn=None, score_f
                     score=score_fn and (lambda step: score_fn(state, step)), score_every=cfg.fid_every,
                     replicas=lambda: [state.generator, state.fake, *state.ema.values()],
                     lr=lambda: state.sched_gen.get_last_lr()[0], desc=state.name) as sup:
+        if cfg.fid_every and state.step == 0:  # the start competes too: selection keeps it where distillation is worse
+            sup.scored(0)
         loop(state, sup.watch(batches), sup.after)
     return sup.stopped
 
@@ -2284,9 +2292,9 @@ class ModelSelection:
         if self.metric == "w2" and not self.ranks.main:
             return {}
         nets = {"generator": state.generator.g, **{str(d): net for d, net in state.ema.items()}}
-        row = {}
+        row, start = {}, self.scores(state.generator.g) if step == 0 else None  # at update 0 every EMA is G
         for name, net in nets.items():
-            scores = self.scores(net)
+            scores = start or self.scores(net)
             row |= {f"{k}/{name}": v for k, v in scores.items()}
             value, sem = scores[self.metric], scores.get(f"{self.metric}_sem", 0.0)
             lowest = later_wins(value, sem, self.lowest.get(name))
