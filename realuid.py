@@ -1167,6 +1167,7 @@ class Config(Method, DistillFlags):
     regress: float = opt(0.0, "G's start: regression onto the teacher's 100-step samples for this share of --steps, "
                               "then the fake model from u* (0: G starts as u*'s one-step form; low-dim: 1/3)",
                          type=float)
+    regress_lr: float = opt(1e-3, "the regression's own lr (distillation after it takes --lr)")
     hidden: int = opt(256, "MLP width (low-dimensional data)")
     teacher_steps: int = opt(None, "updates of the on-the-spot teacher (low-dim data, no --teacher); default: its "
                                    "family's recipe, 10000 (VP with eps or score: 15000)", type=int)
@@ -1176,9 +1177,9 @@ class Config(Method, DistillFlags):
 # wins over any recipe. Digits ramp their EMAs up: after 200 generator updates a fixed 0.995 keeps 37 % of the
 # teacher's one step; paired digits keep it, near the data there (matching-models.md).
 RECIPES = dict(
-    lowdim=dict(lr=1e-3, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
-                log_every=50, save_every=2000, fid_every=2000, regress=1 / 3),
-    lowdim_pairs=dict(regress=0),  # on top of lowdim, for si and bridge: their noise is the source's
+    lowdim=dict(lr=3e-4, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
+                log_every=50, save_every=2000, fid_every=2000, regress=1 / 3),  # lr: G's after its regressed start
+    lowdim_pairs=dict(regress=0, lr=1e-3),  # on top of lowdim, for si and bridge: their noise is the source's
     digits=dict(lr=3e-4, batch_size=64, steps=1200, warmup=100, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
                 log_every=50, save_every=600, sample_every=300, fid_samples=2000),
     digits_pairs=dict(ema_rampup=0.0),  # on top of digits, for digits-sr and digits-inpaint
@@ -1188,7 +1189,8 @@ FINETUNE_RECIPE = dict(lr=1e-5, warmup=0, regress=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
 HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
 FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f in fields(Method)] + [
-    "batch_size", "sigma_init", "high_noise", "fake_init", "init_generator", "init_ema", "regress"]),
+    "batch_size", "sigma_init", "high_noise", "fake_init", "init_generator", "init_ema", "regress",
+    "regress_lr"]),
                ("the teacher", ("model", "teacher", "teacher_ema", "teacher_steps", "hidden", "num_heads",
                                 "num_head_channels")),
                ("data", DATA_FLAGS), ("model selection and the closing scores", SELECTION_FLAGS))
@@ -1236,7 +1238,7 @@ def main(argv=None):
         if regress:  # before RealUID copies G into its EMAs
             say(f"realuid: G's start, {regress} updates of regression onto the teacher's 100-step samples")
             loss = regression_start(OneStepGenerator(g, matching), teacher, tuple(data.shape()), regress,
-                                    cfg.batch_size, cfg.lr, device, data.num_classes if cfg.cond else None, cfg.seed)
+                                    cfg.batch_size, cfg.regress_lr, device, data.num_classes if cfg.cond else None, cfg.seed)
             say(f"realuid: G's start regressed (mean squared error {loss:.4f})")
         start = copy.deepcopy(g) if regress else None if resume is not None and cfg.regress else teacher  # resumed
         guard = Guard(ranks, ["fake model" + (" or discriminator" if cfg.gan else ""), "generator"], device)

@@ -274,7 +274,7 @@ def check_finite(cfg):
 
 
 POSITIVE = ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden", "fid_samples",
-            "lr", "grad_clip", "fake_lr_mult")
+            "lr", "grad_clip", "fake_lr_mult", "regress_lr")
 NON_NEGATIVE = ("warmup", "fid_every", "skip_nonfinite", "ema_rampup")
 SIZE_LIMITS = dict(hidden=(1, 65536), channels=(32, 4096), num_res_blocks=(1, 32), workers=(0, 256),
                    resolution=(0, 4096), eval_samples=(1, 10 ** 7), fid_samples=(1, 10 ** 7),

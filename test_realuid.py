@@ -876,14 +876,14 @@ def long_runs(tmp_path_factory):
          root / "bridge-sr" / "d"]]}
     for family, dataset in FAMILIES:
         out = root / family
-        # The families but fm (the default recipe) distil from u*'s one-step form, without the regression start,
-        # so that their tests see what distillation alone does.
+        # The families but fm (the default recipe) distil from u*'s one-step form, without the regression start
+        # and at the generator's lr from there (1e-3), so that their tests see what distillation alone does.
         # 5000 teacher updates: after 2000 the EMA (0.999) still holds 0.999^2000 = 14 % of the random start,
         # which sends a VP teacher's samples far off the data and leaves an si teacher's weak. fm is also the
         # default run's quality check (toy_run): model selection scores it at its end (the recipe's --fid-every)
         jobs[family] = [["realuid.py", "--model", family.split("-")[0], "--dataset", dataset, "--out", out,
                          "--teacher-steps", "5000", "--steps", "1500", "--eval-samples", "600"]
-                        + ([] if family == "fm" else ["--fid-every", "0", "--regress", "0"])]
+                        + ([] if family == "fm" else ["--fid-every", "0", "--regress", "0", "--lr", "1e-3"])]
         if family == "vp-score":  # realuid.py's teacher on the spot takes the family's default parameterisation
             jobs[family] = [["teacher.py", "--model", "vp", "--param", "score", "--dataset", dataset, "--steps",
                              "5000", "--out", out], jobs[family][0] + ["--teacher", out / "teacher.pt"]]
@@ -1572,7 +1572,7 @@ def test_the_regressed_start_is_g_and_every_ema_and_the_fake_model_starts_from_t
     start = G.g.state_dict()
     for net in [ckpt["generator"], *ckpt["ema"].values()]:
         assert all(torch.equal(net[k], start[k]) for k in start)
-    # the fake model: five Adam steps of lr 1e-3 from the teacher (a random start is nowhere near it)
+    # the fake model: five Adam steps at the recipe's lr from the teacher (a random start is nowhere near it)
     assert max((ckpt["fake"][k] - v).abs().max() for k, v in teacher.state_dict().items()) < 0.01
     assert not all(torch.equal(ckpt["generator"][k], v) for k, v in teacher.state_dict().items())  # G moved
     refused_as_a_script(tmp_path, "realuid.py", "--model", "si", "--dataset", "pairs", "--regress", "0.5")
