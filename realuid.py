@@ -37,13 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import (DATA_FLAGS, DISTILL_DEPENDENT, DISTILL_RESUMABLE, SELECTION_FLAGS, DistillFlags, Diverged, Guard,
-                     ModelSelection, Ranks, UsageError, batches, check_dependent, check_finite, check_loss_flags,
-                     check_teacher_data, checkpoints_in, closing_report, config_dict, count_parameters,
-                     default_field_spec, distill_matching_spec, distill_parts, failed, finish, grid_writer, load_state,
-                     matching_spec, open_run, parser_from_dataclass, place, read_field_checkpoint, refusing,
-                     resolve_config, restore, resumed_run, rewind_metrics, save_json, spot_teacher, stale_temporaries,
-                     stopped_by, supervise, supervise_teacher, teacher_grid, use_bf16)
+from runtime import (DATA_FLAGS, SELECTION_FLAGS, DistillFlags, Diverged, Guard, ModelSelection, Ranks, UsageError,
+                     batches, check_teacher_data, checkpoints_in, closing_report, config_dict, count_parameters,
+                     default_field_spec, distill_config, distill_matching_spec, distill_parts, failed, finish,
+                     grid_writer, load_state, matching_spec, open_run, parser_from_dataclass, place,
+                     read_field_checkpoint, refusing, restore, rewind_metrics, save_json, spot_teacher,
+                     stale_temporaries, stopped_by, supervise, supervise_teacher, teacher_grid, use_bf16)
 
 # =============================================================================
 # The method, from here to distill(): torch and Python's standard library alone, one block to copy (README)
@@ -1207,17 +1206,7 @@ def main(argv=None):
     user = vars(p.parse_args(argv))
     created = None
     try:
-        check_dependent(user, DISTILL_DEPENDENT)
-        resume = None
-        if user.get("resume"):
-            resume, user = resumed_run(user, DISTILL_RESUMABLE, "generator", "realuid.py", init_generator="")
-        cfg, data = resolve_config(Config, user, RECIPES, FINETUNE_RECIPE if user.get("init_generator") else {})
-        check_finite(cfg)
-        with refusing():
-            check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
-        check_loss_flags(cfg)
-        if cfg.regress and data.coupled:
-            raise UsageError("--regress needs noise-to-data (fm, vp, ve); paired data start from their sources")
+        resume, cfg, data = distill_config(Config, user, RECIPES, FINETUNE_RECIPE, check_coefficients)
         ranks, device, out, created = open_run(cfg, data)
         say = print if ranks.main else lambda *a: None
         torch.manual_seed(cfg.seed)

@@ -355,6 +355,24 @@ def check_dependent(user, dependent):
             raise UsageError(f"--{flag.replace('_', '-')} applies only with --{parent.replace('_', '-')}")
 
 
+def distill_config(cls, user, recipes, finetune, check_coefficients):
+    """realuid.py's flags resolved and checked: a resumed run's saved ones (with the flags that may change), the
+    data's recipe (fine-tuning's on top), every number in range, the method's own checks (check_coefficients:
+    realuid's), one loss; the regression start only from noise. Returns (resume's checkpoint or None, cfg, data)."""
+    check_dependent(user, DISTILL_DEPENDENT)
+    resume = None
+    if user.get("resume"):
+        resume, user = resumed_run(user, DISTILL_RESUMABLE, "generator", "realuid.py", init_generator="")
+    cfg, data = resolve_config(cls, user, recipes, finetune if user.get("init_generator") else {})
+    check_finite(cfg)
+    with refusing():
+        check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
+    check_loss_flags(cfg)
+    if cfg.regress and data.coupled:
+        raise UsageError("--regress needs noise-to-data (fm, vp, ve); paired data start from their sources")
+    return resume, cfg, data
+
+
 def count_parameters(net):
     return sum(p.numel() for p in net.parameters())
 
