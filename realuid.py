@@ -1176,9 +1176,9 @@ class Config(Method, DistillFlags):
 # wins over any recipe. Digits ramp their EMAs up: after 200 generator updates a fixed 0.995 keeps 37 % of the
 # teacher's one step; paired digits keep it, near the data there (matching-models.md).
 RECIPES = dict(
-    lowdim=dict(lr=3e-4, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
-                log_every=50, save_every=2000, fid_every=2000, regress=1 / 3),  # lr: G's after its regressed start
-    lowdim_pairs=dict(regress=0, lr=1e-3),  # on top of lowdim, for si and bridge: their noise is the source's
+    lowdim=dict(lr=1e-3, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
+                log_every=50, save_every=2000, fid_every=2000, regress=1 / 3),
+    lowdim_pairs=dict(regress=0),  # on top of lowdim, for si and bridge: their noise is the source's
     digits=dict(lr=3e-4, batch_size=64, steps=1200, warmup=100, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
                 log_every=50, save_every=600, sample_every=300, fid_samples=2000),
     digits_pairs=dict(ema_rampup=0.0),  # on top of digits, for digits-sr and digits-inpaint
