@@ -1227,7 +1227,8 @@ def main(argv=None):
         if regress:  # before RealUID copies G into its EMAs
             say(f"realuid: G's start, {regress} updates of regression onto the teacher's 100-step samples")
             loss = regression_start(OneStepGenerator(g, matching), teacher, tuple(data.shape()), regress,
-                                    cfg.batch_size, cfg.regress_lr, device, data.num_classes if cfg.cond else None, cfg.seed)
+                                    cfg.batch_size, cfg.regress_lr, device, data.num_classes if cfg.cond else None,
+                                    cfg.seed)
             say(f"realuid: G's start regressed (mean squared error {loss:.4f})")
         start = copy.deepcopy(g) if regress else None if resume is not None and cfg.regress else teacher  # resumed
         guard = Guard(ranks, ["fake model" + (" or discriminator" if cfg.gan else ""), "generator"], device)
