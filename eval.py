@@ -38,9 +38,9 @@ from realuid import (Config, RealUID, UNet, build_field, generate, load_field, m
 from runtime import (CLASSIFIER_KIND, DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION,
                      Data, DigitClassifier, HeldOut, Parser, TeacherConfig, UsageError, classifier_path, config_dict,
                      count_parameters, cycled, fail, latest_checkpoint, load_checkpoint, load_data, load_digits,
-                     load_reference_data, make_config, pair_grid,
-                     paired_scores, pyplot, refusing, resolve_device, save_checkpoint, save_grid, save_json,
-                     set_precision, stored_matching, teacher_recipes, to_data_units, to_uint8, use_bf16)
+                     load_reference_data, make_config, pair_grid, paired_scores, pyplot, refusing, resolve_device,
+                     save_checkpoint, save_grid, save_json, selection_wins, set_precision, stored_matching,
+                     teacher_recipes, to_data_units, to_uint8, use_bf16)
 
 
 # =============================================================================
@@ -644,13 +644,13 @@ FAMILIES = {"fm": ("fm", ""), "vp": ("vp", "eps"), "vp-score": ("vp", "score"), 
 
 def best_one_step(folder):
     """The run's best one-step net by model selection, (name, step, network, its matching model: the teacher's
-    family with the generator's noise level sigma_init): of its best-<net>.pt files, the latest within the lowest
-    score by less than their difference's standard error (ModelSelection's rule; files without one: the lowest)."""
-    kept = [load_checkpoint(os.path.join(folder, f)) | dict(name=f[5:-3]) for f in sorted(os.listdir(folder))
-            if f.startswith("best-") and f.endswith(".pt")]
-    low = min(kept, key=lambda c: c["score"])
-    best = max((c for c in kept if c["score"] - low["score"] <= math.hypot(c.get("sem", 0.0), low.get("sem", 0.0))),
-               key=lambda c: (c["step"], -c["score"]))
+    family with the generator's noise level sigma_init): of its best-<net>.pt files, taken in the order of their
+    updates, the one ModelSelection's rule keeps (selection_wins: W2 beyond its standard error, detail within it)."""
+    best = None
+    for c in sorted((load_checkpoint(os.path.join(folder, f)) | dict(name=f[5:-3]) for f in os.listdir(folder)
+                     if f.startswith("best-") and f.endswith(".pt")), key=lambda c: (c["step"], c["name"])):
+        c.setdefault("draws", [c["score"]])  # files of runs before the draws were kept
+        best = c if selection_wins(c, best) else best
     net = build_field(best["field"])
     net.load_state_dict(best["generator"])
     return best["name"], best["step"], net, matching_model(best["matching"])

@@ -1801,12 +1801,12 @@ class HeldOut:
 
     def metrics(self, sets):
         """W2, energy distance, improved precision and recall (k = 5), each the mean over the point sets with its
-        spread (key_sd: the standard deviation over them); mode coverage of their union."""
-        out = {}
-        for key, values in zip(("w2", "energy", "precision", "recall"), zip(*[
-                (w2_distance(pts, self.real), energy_distance(pts, self.real), *precision_recall(pts, self.real))
-                for pts in sets])):
+        spread (key_sd: the standard deviation over them; w2_draws: W2 of each set); mode coverage of their union."""
+        out, per_draw = {}, list(zip(*[(w2_distance(pts, self.real), energy_distance(pts, self.real),
+                                        *precision_recall(pts, self.real)) for pts in sets]))
+        for key, values in zip(("w2", "energy", "precision", "recall"), per_draw):
             out[key], out[f"{key}_sd"] = float(np.mean(values)), float(np.std(values))
+        out["w2_draws"] = [float(v) for v in per_draw[0]]  # model selection compares nets draw by draw
         if self.data.modes is not None:
             pts = np.concatenate(sets)
             x = pts[:, -self.dim:]
@@ -2255,29 +2255,36 @@ def load_reference_data(resolution, data_root):
     return load
 
 
-def later_wins(value, sem, lowest=None):
-    """The one-standard-error rule of model selection: a later score wins when it is below the lowest so far, or
-    above it by less than the standard error of their difference, sqrt(sem^2 + sem_lowest^2). lowest: (score, sem)
-    of the lowest so far, None before the first score. Returns the lowest after this score when it wins, else None."""
-    low, low_sem = lowest or (math.inf, 0.0)
-    if value < low:
-        return value, sem
-    return (low, low_sem) if value - low <= math.hypot(sem, low_sem) else None
+def selection_wins(new, kept=None):
+    """Model selection's rule: does the net scored `new` replace the `kept` one? Each is a dict of the score's
+    draws ("draws": W2 of each draw; FID: one value) and, on low-dim data, its detail ("detail": precision + recall).
+    W2 decides where it can tell the nets apart: a net lower by more than the standard error of the difference wins,
+    one higher by more loses. Every net is scored on the same draws (the same noise seeds and held-out points), so
+    the difference is taken draw by draw, without the draws' shared luck. Within that error W2 cannot tell them apart
+    and what it does not see decides: the higher precision + recall (fine-detail.md: ties broken by lateness kept
+    nets 0.02 to 0.03 below their teacher's precision). Equal: the later net."""
+    if kept is None:
+        return True
+    paired = len(new["draws"]) == len(kept["draws"]) > 1  # else other draws, or FID's one: no standard error
+    diff = np.subtract(new["draws"], kept["draws"]) if paired else [np.mean(new["draws"]) - np.mean(kept["draws"])]
+    gap, sem = float(np.mean(diff)), float(np.std(diff, ddof=1) / math.sqrt(len(diff))) if paired else 0.0
+    if abs(gap) <= sem:
+        return new.get("detail", 0.0) >= kept.get("detail", 0.0)
+    return gap < 0
 
 
-def lowdim_scores(metrics, draws):
+def lowdim_scores(metrics):
     """Model selection's low-dim row: W2 with its standard error over the draws, precision and recall."""
-    sem = metrics["w2_sd"] / math.sqrt(max(draws - 1, 1))  # w2_sd is the population sd over the draws
-    return {k: metrics[k] for k in ("w2", "precision", "recall")} | dict(w2_sem=sem)
+    sem = metrics["w2_sd"] / math.sqrt(max(len(metrics["w2_draws"]) - 1, 1))  # w2_sd: the population sd
+    return {k: metrics[k] for k in ("w2", "precision", "recall", "w2_draws")} | dict(w2_sem=sem)
 
 
 class ModelSelection:
     """Scores the generator and every EMA; keeps best-<net>.pt (best-generator.pt, best-0.999.pt, ...) holding
     the weights with the lowest score so far. Images: FID; low-dim data: W2 to the held-out points.
 
-    Low-dim W2 comes with its standard error over the draws (sem), and a later net wins when its W2 is above the
-    lowest by less than their difference's standard error (the one-standard-error rule, Breiman et al. 1984): at
-    lr 1e-3 plain W2 kept nets of updates 2000 to 6000, lower only within W2's noise, whose recall was up to 0.05
+    Low-dim W2 decides beyond the standard error of two nets' difference over the draws, precision + recall within
+    it (selection_wins): plain W2 kept nets lower only within its noise whose recall or precision was up to 0.05
     below the last net's (fine-detail.md)."""
 
     def __init__(self, cfg, data, out, device, meta, matching, generate, load_field, resumed=False, ranks=None):
@@ -2286,7 +2293,7 @@ class ModelSelection:
         self.shape, self.num_classes = tuple(data.shape()), data.num_classes
         if data.kind == "lowdim":  # selected by W2; precision and recall logged beside it
             self.metric, held = "w2", HeldOut(data, generate, matching, device, cfg.seed)
-            self.scores = lambda net: lowdim_scores(held.metrics(held.sample(net)), held.draws)
+            self.scores = lambda net: lowdim_scores(held.metrics(held.sample(net)))
         else:
             self.metric = "fid"
             ref = cfg.fid_ref or ("cifar10" if cfg.dataset == "cifar10" else cfg.dataset)
@@ -2298,12 +2305,12 @@ class ModelSelection:
                 print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
             self.scores = lambda net: dict(fid=fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching))
             self.fid = fid
-        self.best, self.lowest = {}, {}  # a fresh run overwrites older best files; a resumed one keeps its scores
+        self.best, self.kept = {}, {}  # a fresh run overwrites older best files; a resumed one keeps its scores
         for name in os.listdir(out) if resumed else []:
             if name.startswith("best-") and name.endswith(".pt"):
                 ckpt = load_checkpoint(os.path.join(out, name))
                 self.best[name[5:-3]] = ckpt["score"]
-                self.lowest[name[5:-3]] = tuple(ckpt.get("lowest", (ckpt["score"], 0.0)))
+                self.kept[name[5:-3]] = dict(draws=ckpt.get("draws", [ckpt["score"]]), detail=ckpt.get("detail", 0.0))
 
     def __call__(self, state, step):
         """Scores on every rank (FID generation is split across them); rank 0 keeps the files. W2 is rank 0's."""
@@ -2312,16 +2319,17 @@ class ModelSelection:
         nets = {"generator": state.generator.g, **{str(d): net for d, net in state.ema.items()}}
         row, start = {}, self.scores(state.generator.g) if step == 0 else None  # at update 0 every EMA is G
         for name, net in nets.items():
-            scores = start or self.scores(net)
+            scores = dict(start or self.scores(net))
+            value, draws = scores[self.metric], scores.pop(f"{self.metric}_draws", [scores[self.metric]])
             row |= {f"{k}/{name}": v for k, v in scores.items()}
-            value, sem = scores[self.metric], scores.get(f"{self.metric}_sem", 0.0)
-            lowest = later_wins(value, sem, self.lowest.get(name))
-            if lowest and self.ranks.main:
+            score = dict(draws=draws) | (dict(detail=scores["precision"] + scores["recall"]) if "recall" in scores
+                                         else {})
+            if selection_wins(score, self.kept.get(name)) and self.ranks.main:
                 try:
                     save_checkpoint(dict(version=VERSION, kind="generator", config=config_dict(self.cfg), **self.meta,
-                                         step=step, metric=self.metric, score=value, sem=sem, lowest=lowest,
+                                         step=step, metric=self.metric, score=value, **score,
                                          generator=net.state_dict()), os.path.join(self.out, f"best-{name}.pt"))
-                    self.best[name], self.lowest[name] = value, lowest
+                    self.best[name], self.kept[name] = value, score
                 except OSError as e:  # a full disk: the previous best file stays; training goes on
                     print(f"realuid.py: warning: could not write best-{name}.pt ({e.strerror or e})", file=sys.stderr)
         return row

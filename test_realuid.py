@@ -1726,27 +1726,33 @@ def test_precision_and_recall_are_the_shares_inside_the_other_sets_nearest_neigh
     assert RT.precision_recall(wide, held)[0] < RT.precision_recall(x.numpy(), held)[0] - 0.1
 
 
-def test_model_selection_lets_a_later_net_win_within_the_lowest_scores_standard_error(tmp_path):
-    # W2 over 4 draws: 0.50 +- 0.04 kept; 0.45 +- 0.03 lower; 0.47 +- 0.05, within hypot(0.05, 0.03) of it, wins
-    # (the later net) and the lowest stays 0.45; 0.49 +- 0 beyond 0.45 + 0.03 loses; 0.44 +- 0.01 lower again;
-    # 0.455 beyond 0.44 + 0.01 loses, 0.449 within it wins
-    lowest, kept = None, []
-    for step, (w2, sem) in enumerate([(0.50, 0.04), (0.45, 0.03), (0.47, 0.05), (0.49, 0.0), (0.44, 0.01),
-                                      (0.455, 0.0), (0.449, 0.0)]):
-        new = RT.later_wins(w2, sem, lowest)
-        if new:
-            lowest, kept = new, kept + [step]
-    assert kept == [0, 1, 2, 4, 6] and lowest == (0.44, 0.01)
-    assert RT.later_wins(0.3, 0.0, (0.3, 0.0)) == (0.3, 0.0)  # FID (no sem): a tie goes to the later net
-    # across the run's best files: the latest within the standard error of its difference to the lowest
+def test_model_selection_decides_by_w2_beyond_its_paired_standard_error_and_by_detail_within_it(tmp_path):
+    # every net is scored on the same 4 draws (noise seeds, held-out points); detail is precision + recall
+    wins = RT.selection_wins
+    kept = dict(draws=[0.45, 0.41, 0.49, 0.45], detail=1.95)
+    assert wins(kept)  # the first score always wins
+    # 0.02 worse on every draw: W2 tells them apart, although each score's own standard error over its draws
+    # (0.016) would call it a tie if the draws were independent; better detail does not save it
+    assert not wins(dict(draws=[v + 0.02 for v in kept["draws"]], detail=1.99), kept)
+    assert wins(dict(draws=[v - 0.02 for v in kept["draws"]], detail=1.90), kept)  # and 0.02 better wins
+    # 0.02 worse on average, by -0.03, +0.07, -0.01, +0.05: within the difference's standard error (0.024), so
+    # W2 cannot tell them apart and detail decides, a tie going to the later net
+    noisy = [0.42, 0.48, 0.48, 0.50]
+    assert wins(dict(draws=noisy, detail=1.96), kept) and wins(dict(draws=noisy, detail=1.95), kept)
+    assert not wins(dict(draws=noisy, detail=1.94), kept)
+    assert wins(dict(draws=[0.3]), dict(draws=[0.3])) and not wins(dict(draws=[0.31]), dict(draws=[0.3]))  # FID
+    assert not wins(dict(draws=[0.46] * 4, detail=2.0), dict(draws=[0.45], detail=1.9))  # other draws: no error
+    # across the run's best files, in the order of their updates: the net the same rule keeps
     net = R.MLPField(dim=2, hidden=8)
-    for name, step, score, sem in [("generator", 4000, 0.43, 0.04), ("0.99", 2000, 0.41, 0.03),
-                                   ("0.995", 6000, 0.45, 0.01)]:
-        RT.save_checkpoint(dict(field=dict(type="mlp", dim=2, hidden=8), generator=net.state_dict(), matching=dict(type="fm", sigma_init=2.5),
-                                step=step, score=score, sem=sem), str(tmp_path / f"best-{name}.pt"))
+    for name, step, draws, detail in [("0.99", 2000, [0.41, 0.37, 0.45, 0.41], 1.95),
+                                      ("generator", 4000, [0.38, 0.44, 0.44, 0.46], 1.97),  # within; more detail
+                                      ("0.995", 6000, [0.40, 0.46, 0.46, 0.48], 1.99)]:  # 0.02 worse every draw
+        RT.save_checkpoint(dict(field=dict(type="mlp", dim=2, hidden=8), generator=net.state_dict(),
+                                matching=dict(type="fm", sigma_init=2.5), step=step, score=float(np.mean(draws)),
+                                draws=draws, detail=detail), str(tmp_path / f"best-{name}.pt"))
     assert eval_py.best_one_step(tmp_path)[:2] == ("generator", 4000)
     os.remove(tmp_path / "best-generator.pt")
-    assert eval_py.best_one_step(tmp_path)[:2] == ("0.99", 2000)
+    assert eval_py.best_one_step(tmp_path)[:2] == ("0.99", 2000)  # 0.995: 0.04 worse, beyond the error (0.024)
 
 
 @pytest.mark.slow
@@ -1757,13 +1763,14 @@ def test_toy_run_selects_by_w2_and_covers_every_mode(toy_run):
     assert [r["step"] for r in scored] == [0, 1500]  # the start and the last (the recipe scores every 2000)
     for name, row in [("generator", "RealUID generator, 1 step"), ("0.995", "RealUID EMA 0.995, 1 step")]:
         # the same seed and held-out points as the closing table: the selection scored these very weights
-        start, last = scored[0][f"w2/{name}"], scored[1][f"w2/{name}"]
-        assert start == pytest.approx(results["generator's start, 1 step"]["w2"], rel=1e-12)
-        assert last == pytest.approx(results[row]["w2"], rel=1e-12)
-        sems = [r[f"w2_sem/{name}"] for r in scored]
-        kept = 1500 if RT.later_wins(last, sems[1], (start, sems[0])) else 0  # the one-standard-error rule
+        start, last = ({"draws": r["w2_draws"], "detail": r["precision"] + r["recall"]}
+                       for r in (results["generator's start, 1 step"], results[row]))
+        assert scored[0][f"w2/{name}"] == pytest.approx(np.mean(start["draws"]), rel=1e-12)
+        assert scored[1][f"w2/{name}"] == pytest.approx(np.mean(last["draws"]), rel=1e-12)
+        kept = 1500 if RT.selection_wins(last, start) else 0
         best = torch.load(toy_run / f"best-{name}.pt", weights_only=True)
-        assert best["metric"] == "w2" and best["step"] == kept and best["score"] == [start, last][kept > 0]
+        assert best["metric"] == "w2" and best["step"] == kept
+        assert best["draws"] == pytest.approx([start, last][kept > 0]["draws"], rel=1e-12)
     best = min((v for k, v in results.items() if k.startswith("RealUID")), key=lambda v: v["w2"])
     assert best["modes"] == 8 and best["in_mode"] > 0.5, best  # the exact floor is 0.989
     assert results["teacher, 1 step"]["in_mode"] < 0.2  # the one-step teacher lands between the modes
