@@ -2281,11 +2281,12 @@ def lowdim_scores(metrics):
 
 class ModelSelection:
     """Scores the generator and every EMA; keeps best-<net>.pt (best-generator.pt, best-0.999.pt, ...) holding
-    the weights with the lowest score so far. Images: FID; low-dim data: W2 to the held-out points.
+    the weights the rule keeps so far (selection_wins). Images: the lowest FID; low-dim data: W2 to the held-out
+    points.
 
     Low-dim W2 decides beyond the standard error of two nets' difference over the draws, precision + recall within
-    it (selection_wins): plain W2 kept nets lower only within its noise whose recall or precision was up to 0.05
-    below the last net's (fine-detail.md)."""
+    it: the lowest W2 kept nets lower only by the luck of 4 draws, their precision up to 0.13 below the teacher's
+    (fine-detail.md)."""
 
     def __init__(self, cfg, data, out, device, meta, matching, generate, load_field, resumed=False, ranks=None):
         self.cfg, self.out, self.meta, self.device, self.ranks = cfg, out, meta, device, ranks or Ranks()
