@@ -37,10 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import (DATA_FLAGS, SELECTION_FLAGS, DistillFlags, Diverged, Guard, ModelSelection, Ranks, UsageError,
-                     batches, check_teacher_data, checkpoints_in, closing_report, config_dict, count_parameters,
-                     default_field_spec, distill_config, distill_matching_spec, distill_parts, failed, finish,
-                     grid_writer, load_state, matching_spec, open_run, parser_from_dataclass, place,
+from runtime import (DATA_FLAGS, SELECTION_FLAGS, TEACHER_FLAGS, DistillFlags, Diverged, Guard, ModelSelection, Ranks,
+                     UsageError, batches, check_teacher_data, checkpoints_in, closing_report, config_dict,
+                     count_parameters, default_field_spec, distill_config, distill_matching_spec, distill_parts, failed,
+                     finish, grid_writer, load_state, matching_spec, open_run, parser_from_dataclass, place,
                      read_field_checkpoint, refusing, restore, rewind_metrics, save_json, spot_teacher,
                      stale_temporaries, stopped_by, supervise, supervise_teacher, teacher_grid, use_bf16)
 
@@ -59,12 +59,10 @@ class Method:
     realuid.py's Config adds the teacher, the data and the run."""
     alpha: float = opt(0.92, "RealUM weight of generated data, in (0, 1] (eq. 16)")
     beta: float = opt(0.94, "RealUM weight of the generated target, in (0, 1] (eq. 16)")
-    gamma: float = opt(None, "General RealUID (Def. 3): weight of the quadratic term; default: plain RealUID",
-                       type=float)
+    gamma: float = opt(None, "General RealUID (Def. 3): the quadratic term's weight; default plain RealUID", type=float)
     parameterization: str = opt("standard", "General RealUID: delta = f* - f (standard) or beta (f* - f)",
                                 choices=("standard", "beta"))
-    alpha_sid: float = opt(None, "RealSiD (eq. 34): the generator loss's quadratic coefficient, 0.5 to 1.2",
-                           type=float)
+    alpha_sid: float = opt(None, "RealSiD (eq. 34): the generator loss's quadratic coefficient, 0.5 to 1.2", type=float)
     normalized: bool = opt(False, "Normalized RealUID (Def. 4): minimise the non-squared l2 distance")
     dmd: bool = opt(False, "DMD with real data (Lemma 5): needs alpha = beta")
     dmd_t_max: float = opt(0.98, "DMD: times drawn from [0, t_max], where the score weight t/(1-t) stays finite")
@@ -107,8 +105,7 @@ def variant(cfg):
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal features of t as in torchcfm / guided-diffusion (t fed unscaled)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
-                                                           device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
@@ -1136,40 +1133,24 @@ def teacher_matching(cfg, ckpt, data, path):
 
 
 # =============================================================================
-# The command line's config: Method, the teacher, the data and the run (runtime.DistillFlags); recipes per data
+# The command line's config: Method and G's start; the teacher, data and run in runtime.DistillFlags; recipes
 # =============================================================================
 
 @dataclass
 class Config(Method, DistillFlags):
-    """realuid.py's flags: the method's (Method), the teacher's and the data's here, the run's (device, output,
+    """realuid.py's flags: the method's (Method and here); the teacher's, the data's and the run's (device, output,
     logging, checkpoints, FID) in runtime.DistillFlags."""
-    dataset: str = opt("8gaussians", "8gaussians, modes-arc, checkerboard (2D), digits, cifar10, an image folder, "
-                                     "PATH.npy (N x D floats, N x H x W x C uint8); paired (si, bridge): pairs (2D), "
-                                     "digits-sr, digits-inpaint, PATH.npz (uint8 source, target), DIR --target-dir")
-    cond: bool = opt(False, "class-conditional generator, teacher and fake model")
-    model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
-                         "default: the teacher file's, fm for a teacher trained on the spot")
     sigma_init: float = opt(None, "the noise level s/a at which G denoises as the teacher (SiD); default 2.5 for "
                                   "diffusion and low-dim flow matching (images: the paper's z + g(0, z))", type=float)
-    high_noise: float = opt(None, "fm, vp, ve: the share of distillation's noise levels drawn from [sigma_init / 5, "
-                                  "sigma_init], where the modes' masses are settled, the rest by SiD's law; default "
-                                  "0.5 on low-dim data, 0 (SiD's law) on images", type=float)
+    high_noise: float = opt(None, "fm, vp, ve: the share of noise levels from [sigma_init / 5, sigma_init], where the "
+                                  "modes' masses settle (else SiD's law); default 0.5 on 2D, 0 on images", type=float)
     batch_size: int = opt(256, "batch size (generated and real halves each)")
-    teacher: str = opt("", "teacher file: teacher.py's, torchcfm's, the official code's (2D: trained on the spot)")
-    teacher_ema: float = opt(None, "EMA decay to take from a teacher file holding several", type=float)
-    num_heads: int = opt(4, "attention heads, for teacher files that do not record them")
-    num_head_channels: int = opt(64, "channels per head (overrides --num-heads; -1: off), likewise")
-    fake_init: str = opt("random", "initialise the fake model randomly or from the teacher",
-                         choices=("random", "teacher"))
+    fake_init: str = opt("random", "the fake model's start: random or the teacher", choices=("random", "teacher"))
     init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
     init_ema: float = opt(None, "EMA decay to take from --init-generator (default: its raw generator)", type=float)
     regress: float = opt(0.0, "G's start: regression onto the teacher's 100-step samples for this share of --steps, "
-                              "then the fake model from u* (0: G starts as u*'s one-step form; low-dim: 1/3)",
-                         type=float)
+                              "then the fake model from u* (0: u*'s one-step form; low-dim: 1/3)", type=float)
     regress_lr: float = opt(1e-3, "the regression's own lr (distillation after it takes --lr)")
-    hidden: int = opt(256, "MLP width (low-dimensional data)")
-    teacher_steps: int = opt(None, "updates of the on-the-spot teacher (low-dim data, no --teacher); default: its "
-                                   "family's recipe, 10000 (VP with eps or score: 15000)", type=int)
 
 
 # The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a laptop CPU. A user's flag
@@ -1188,11 +1169,8 @@ FINETUNE_RECIPE = dict(lr=1e-5, warmup=0, regress=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
 HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
 FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f in fields(Method)] + [
-    "batch_size", "sigma_init", "high_noise", "fake_init", "init_generator", "init_ema", "regress",
-    "regress_lr"]),
-               ("the teacher", ("model", "teacher", "teacher_ema", "teacher_steps", "hidden", "num_heads",
-                                "num_head_channels")),
-               ("data", DATA_FLAGS), ("model selection and the closing scores", SELECTION_FLAGS))
+    "batch_size", "sigma_init", "high_noise", "fake_init", "init_generator", "init_ema", "regress", "regress_lr"]),
+    ("the teacher", TEACHER_FLAGS), ("data", DATA_FLAGS), ("model selection and the closing scores", SELECTION_FLAGS))
 
 
 # =============================================================================
@@ -1200,10 +1178,9 @@ FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f 
 # =============================================================================
 
 def main(argv=None):
-    p = parser_from_dataclass(Config, "RealUID distillation of a matching-model teacher into a one-step "
-                                      "generator (Kornilov et al., ICLR 2026).", "realuid.py",
-                              FLAG_GROUPS)
-    user = vars(p.parse_args(argv))
+    user = vars(parser_from_dataclass(Config, "RealUID distillation of a matching-model teacher into a one-step "
+                                              "generator (Kornilov et al., ICLR 2026).", "realuid.py",
+                                      FLAG_GROUPS).parse_args(argv))
     created = None
     try:
         resume, cfg, data = distill_config(Config, user, RECIPES, FINETUNE_RECIPE, check_coefficients)
@@ -1249,9 +1226,10 @@ def main(argv=None):
         return failed("realuid.py", e, created)
     if ranks.main:
         save_json(config_dict(cfg), os.path.join(out, "arguments.json"))
-    say(f"realuid: {state.name} on {cfg.dataset} ({len(data)} items), alpha={cfg.alpha} beta={cfg.beta} "
-        f"K={cfg.K}, updates {state.step}..{cfg.steps} on {device}{f' x {ranks.world} ranks' if ranks.world > 1 else ''}, "
-        f"{'bf16' if state.bf16 else 'fp32'}, {count_parameters(g)} generator parameters -> {out}")
+    world = f" x {ranks.world} ranks" if ranks.world > 1 else ""
+    say(f"realuid: {state.name} on {cfg.dataset} ({len(data)} items), alpha={cfg.alpha} beta={cfg.beta} K={cfg.K}, "
+        f"updates {state.step}..{cfg.steps} on {device}{world}, {'bf16' if state.bf16 else 'fp32'}, "
+        f"{count_parameters(g)} generator parameters -> {out}")
     t0 = time.time()
     grids = grid_writer(out, data, device, generate) if data.kind == "image" else None
     try:

@@ -84,6 +84,7 @@ def parser_from_dataclass(cls, description, prog, groups=()):
 # The headings of the flags that RunFlags, DistillFlags and TeacherConfig hold (parser_from_dataclass's groups)
 DATA_FLAGS = ("dataset", "cond", "resolution", "data_root", "target_dir")
 SELECTION_FLAGS = ("fid_every", "fid_samples", "fid_ref", "fid_features", "eval_samples")
+TEACHER_FLAGS = ("model", "teacher", "teacher_ema", "teacher_steps", "hidden", "num_heads", "num_head_channels")
 
 
 @dataclass
@@ -111,7 +112,21 @@ class RunFlags:
 
 @dataclass
 class DistillFlags(RunFlags):
-    """realuid.py's run flags besides: checkpoints kept, sample grids, loggers, speed, model selection."""
+    """realuid.py's flags that are not the method's: the teacher's, the data's, and the run's besides RunFlags
+    (checkpoints kept, sample grids, loggers, speed, model selection)."""
+    dataset: str = opt("8gaussians", "8gaussians, modes-arc, checkerboard (2D), digits, cifar10, an image folder, "
+                                     "PATH.npy (N x D floats, N x H x W x C uint8); paired (si, bridge): pairs (2D), "
+                                     "digits-sr, digits-inpaint, PATH.npz (uint8 source, target), DIR --target-dir")
+    cond: bool = opt(False, "class-conditional generator, teacher and fake model")
+    model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
+                         "default: the teacher file's, fm for a teacher trained on the spot")
+    teacher: str = opt("", "teacher file: teacher.py's, torchcfm's, the official code's (2D: trained on the spot)")
+    teacher_ema: float = opt(None, "EMA decay to take from a teacher file holding several", type=float)
+    num_heads: int = opt(4, "attention heads, for teacher files that do not record them")
+    num_head_channels: int = opt(64, "channels per head (overrides --num-heads; -1: off), likewise")
+    hidden: int = opt(256, "MLP width (low-dimensional data)")
+    teacher_steps: int = opt(None, "updates of the on-the-spot teacher (low-dim data, no --teacher); default: its "
+                                   "family's recipe, 10000 (VP with eps or score: 15000)", type=int)
     keep: int = opt(3, "checkpoints kept (the newest)")
     sample_every: int = opt(5000, "updates between sample grids of the generator and every EMA (images)")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
