@@ -944,24 +944,31 @@ def cmd_fid(args):
               args.batch_size, args.bf16, generate=generate, load_field=load_field, floor=True)
     what = "one-step generator" if steps is None else f"teacher, {steps} sampler steps"
     print(f"FID of {path} ({what}), {args.n} samples x {args.repeats}: {fid.describe}")
-    scores = [fid(net, args.n, args.seed + r, steps, info.get("num_classes"), matching)
-              for r in range(args.repeats)]
+    runs = [fid.scores(net, args.n, args.seed + r, steps, info.get("num_classes"), matching)
+            for r in range(args.repeats)]
+    scores = [r["fid"] for r in runs]
     spread = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
     print(f"FID {np.mean(scores):.4f} +- {spread:.4f} (mean +- std over {len(scores)} runs: "
           f"{', '.join(f'{s:.4f}' for s in scores)})")
-    floors = [fid.floor(args.n, args.seed + r) for r in range(args.repeats)]
+    floors = [fid.floor_scores(args.n, args.seed + r) for r in range(args.repeats)]
     floor = dict(floor=None, floor_mean=None, floor_std=None)
     if floors[0] is None:
         print("floor n/a: the reference is precomputed statistics, with no images to draw")
     else:
-        floor = dict(floor=floors, floor_mean=float(np.mean(floors)),
-                     floor_std=float(np.std(floors, ddof=1)) if len(floors) > 1 else 0.0)
+        values = [f["fid"] for f in floors]
+        floor = dict(floor=values, floor_mean=mean_spread(values)[0], floor_std=mean_spread(values)[1])
         print(f"floor {floor['floor_mean']:.4f} +- {floor['floor_std']:.4f} (real reference images, {args.n} drawn "
-              f"with replacement per run: {', '.join(f'{s:.4f}' for s in floors)})")
+              f"with replacement per run: {', '.join(f'{s:.4f}' for s in floor['floor'])})")
+    classes = {}
+    if "classes" in runs[0]:  # the digit classifier's: the share of the images in the wrong classes
+        classes = dict(classes=[r["classes"] for r in runs], floor_classes=[f["classes"] for f in floors])
+        print("class gap {:.4f} +- {:.4f} (the total-variation distance of the classifier's class shares from the "
+              "reference's), floor {:.4f} +- {:.4f}".format(*mean_spread(classes["classes"]),
+                                                           *mean_spread(classes["floor_classes"])))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(checkpoint=path, fid=scores, mean=float(np.mean(scores)), std=spread, n=args.n,
-                           reference=fid.describe, **floor), f, indent=2)
+                           reference=fid.describe, **floor, **classes), f, indent=2)
     return scores
 
 

@@ -2134,6 +2134,12 @@ class ClassifierFeatures:
     def __call__(self, images):
         return self.net.body(images.to(self.device).float() / 127.5 - 1).cpu().numpy()
 
+    @torch.no_grad()
+    def counts(self, features):
+        """How many of these features' images the classifier puts in each class (float64, one per class)."""
+        labels = self.net.head(torch.from_numpy(features).to(self.device)).argmax(1).cpu()
+        return torch.bincount(labels, minlength=self.net.head.out_features).double()
+
 
 def feature_network(features, mode, device, shape, load_field):
     """FID features: "inception" (clean-fid), "classifier" or a classifier file (digits), or a UNet file."""
@@ -2178,6 +2184,7 @@ class FID:
             reference = (*read_statistics(ref), ref)
         self.extract = feature_network(features, mode, device, self.shape, load_field)
         self.keep, self.real, self.real_features = floor, None, None  # for floor(): the reference's images, features
+        self.ref_counts = None  # the reference's class counts, with the digit classifier's features
         self.mu, self.sigma, self.ref = reference or self.data_statistics(ref, load, cache_dir)
         what = f"Inception, {mode}" if features == "inception" else getattr(self.extract, "describe",
                                                                           f"features of {features}")
@@ -2200,29 +2207,34 @@ class FID:
         else:
             features = self.reference_features()
             mu, sigma = statistics(features)
-            self.real_features = features if self.keep else None
+            self.real_features = features if self.keep else None  # Inception's of CIFAR-10: 400 MB
             os.makedirs(cache_dir, exist_ok=True)
             save_checkpoint(dict(mu=mu, sigma=sigma, n=len(data), ref=ref), path,
                             write=lambda arrays, f: np.savez(f, **arrays))
         return mu, sigma, f"{ref} ({len(data)} images; statistics cached in {path})"
 
     def reference_features(self):
+        """The reference images' features, computed once."""
+        if self.real_features is not None:
+            return self.real_features
         from tqdm import tqdm
         data = self.real
         batches = tqdm(real_images(data, self.batch_size), desc=f"FID reference: {len(data)} images",
                        total=math.ceil(len(data) / self.batch_size), unit="batch", disable=None, leave=False)
-        return np.concatenate([self.extract(x) for x in batches])
+        self.real_features = np.concatenate([self.extract(x) for x in batches])
+        return self.real_features
 
     def floor(self, n, seed=0):
         """The floor of an FID of n samples: FID of n real reference images drawn with replacement (seeded), in the
         same features against the same statistics: what a generator of exactly the reference's distribution (its
         images, each equally likely) scores at this n. None against precomputed statistics (no images to draw)."""
+        return (self.floor_scores(n, seed) or {}).get("fid")
+
+    def floor_scores(self, n, seed=0):  # floor()'s draw, with every score of_features gives (None: no images)
         if self.real is None:
             return None
-        if self.real_features is None:  # the statistics came from the cache: the images' features, once
-            self.real_features = self.reference_features()
-        rows = np.random.default_rng(seed).integers(len(self.real_features), size=n)
-        return frechet_distance(*statistics(self.real_features[rows]), self.mu, self.sigma)
+        rows = np.random.default_rng(seed).integers(len(self.reference_features()), size=n)
+        return self.of_features(self.real_features[rows])
 
     def features(self, net, n, seed, steps=None, num_classes=None, matching=None):
         """Features of n generated images; under torchrun this rank's share of them, from its own seed."""
@@ -2235,13 +2247,36 @@ class FID:
             progress=f"FID: {n} samples" if r.main else None, matching=matching, sources=sources)])
 
     def __call__(self, net, n, seed=0, steps=None, num_classes=None, matching=None):
-        features = self.features(net, n, seed, steps, num_classes, matching)
-        return frechet_distance(*statistics(features, self.ranks), self.mu, self.sigma)
+        return self.scores(net, n, seed, steps, num_classes, matching)["fid"]
+
+    def scores(self, net, n, seed=0, steps=None, num_classes=None, matching=None):
+        """{"fid": FID} of n generated images, and with the digit classifier's features "classes": how far their
+        class shares are from the reference's (class_gap)."""
+        return self.of_features(self.features(net, n, seed, steps, num_classes, matching), self.ranks)
+
+    def of_features(self, features, ranks=None):
+        out = dict(fid=frechet_distance(*statistics(features, ranks), self.mu, self.sigma))
+        if hasattr(self.extract, "counts") and self.real is not None:
+            out["classes"] = self.class_gap(features, ranks)
+        return out
+
+    def class_gap(self, features, ranks=None):
+        """The total-variation distance between the class shares of these images and of the reference images,
+        both labelled by the classifier: the mass that sits in the wrong classes. On digits it moves the FID most
+        (docs/matching-models.md)."""
+        if self.ref_counts is None:
+            self.ref_counts = self.extract.counts(self.reference_features())
+        counts = self.extract.counts(features)
+        if ranks is not None and ranks.world > 1:
+            import torch.distributed as dist
+            counts = counts.to(ranks.device)
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        return 0.5 * float((counts / counts.sum() - self.ref_counts / self.ref_counts.sum()).abs().sum())
 
     def of_images(self, x):
         """FID of given images in [-1, 1] (one process's)."""
-        features = np.concatenate([self.extract(to_uint8(b)) for b in x.split(self.batch_size)])
-        return frechet_distance(*statistics(features), self.mu, self.sigma)
+        return self.of_features(np.concatenate([self.extract(to_uint8(b)) for b in x.split(self.batch_size)]))["fid"]
 
 
 def clean_fid_statistics(name, res, mode, split):
@@ -2319,7 +2354,7 @@ class ModelSelection:
                       load_field=load_field)
             if self.ranks.main:
                 print(f"FID every {cfg.fid_every} updates, {cfg.fid_samples} samples: {fid.describe}")
-            self.scores = lambda net: dict(fid=fid(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching))
+            self.scores = lambda net: fid.scores(net, cfg.fid_samples, cfg.seed, None, self.num_classes, matching)
             self.fid = fid
         self.best, self.kept = {}, {}  # a fresh run overwrites older best files; a resumed one keeps its scores
         for name in os.listdir(out) if resumed else []:

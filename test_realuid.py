@@ -873,7 +873,14 @@ def long_runs(tmp_path_factory):
          "--sample-steps", "0", "--out", root / "bridge-sr" / "t"],
         ["realuid.py", "--model", "bridge", "--dataset", "digits-sr", "--teacher", root / "bridge-sr" / "t" /
          "teacher.pt", "--steps", "240", "--batch-size", "16", "--sample-every", "1000", "--out",
-         root / "bridge-sr" / "d"]]}
+         root / "bridge-sr" / "d"]],
+        "digits": [  # the classifier at a third of its epochs, 300 teacher updates, 240 of distillation
+            ["eval.py", "classifier", "--epochs", "10", "--out", root / "digits" / "classifier.safetensors"],
+            ["teacher.py", "--dataset", "digits", "--steps", "300", "--batch-size", "32", "--sample-steps", "0",
+             "--out", root / "digits" / "t"],
+            ["realuid.py", "--dataset", "digits", "--teacher", root / "digits" / "t" / "teacher.pt", "--steps",
+             "240", "--batch-size", "16", "--sample-every", "1000", "--fid-every", "240", "--fid-features",
+             root / "digits" / "classifier.safetensors", "--fid-samples", "500", "--out", root / "digits" / "d"]]}
     for family, dataset in FAMILIES:
         out = root / family
         # The families but fm (the default recipe) distil from u*'s one-step form, without the regression start,
@@ -1955,6 +1962,14 @@ def test_fid_in_the_digit_classifiers_features_sees_digits_and_has_a_floor(digit
     # from the digits than every digit under pixel noise (measured 10.6x; an untrained DigitClassifier's 0.7x, 0.9x)
     noisy = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
     assert fid.of_images(x[y < 5]) > 4 * fid.of_images(noisy)
+    # the class gap, the mass in the wrong classes by the classifier's labels: digits 0-4 alone hold half of it
+    # (the reference's shares of 0-4 sum to 0.50), real draws nearly none, and it is one number over all ranks
+    def gap(images):
+        return fid.of_features(fid.extract(RT.to_uint8(images)))["classes"]
+    assert gap(x[y < 5]) == pytest.approx(0.5, abs=0.03) and gap(x) == 0
+    assert fid.floor_scores(500, 1)["fid"] == floor[1] and fid.floor_scores(500, 1)["classes"] < 0.06
+    n, n3 = len(y), int((y == 3).sum())  # the threes three times over: 2 n3 (n - n3) / (n (n + 2 n3)) misplaced
+    assert gap(torch.cat([x[y == 3]] * 2 + [x])) == pytest.approx(2 * n3 * (n - n3) / (n * (n + 2 * n3)), abs=0.02)
 
 
 def test_fid_in_classifier_features_as_a_script_prints_the_floor_and_refuses_a_bad_file(digit_classifier,
@@ -1985,6 +2000,12 @@ def test_fid_in_classifier_features_as_a_script_prints_the_floor_and_refuses_a_b
     assert len(scores["floor"]) == 3 and 0 < scores["floor_mean"] < scores["mean"] and scores["floor_std"] > 0
     assert f"floor {scores['floor_mean']:.4f} +- {scores['floor_std']:.4f} (real reference images, 32 drawn" \
         in fine.stdout
+    # beside the FID, training and eval.py give the class gap: the same number for the same images
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl") if "fid/generator" in line]
+    assert len(scores["classes"]) == len(scores["floor_classes"]) == 3 and "class gap " in fine.stdout
+    assert all(0 <= r[f"classes/{k}"] <= 1 for r in rows for k in ("generator", "0.95"))
+    best_step = torch.load(run / "best-generator.pt", weights_only=True)["step"]
+    assert scores["classes"][0] == next(r["classes/generator"] for r in rows if r["step"] == best_step)
     lines = corrupt.stderr.strip().splitlines()
     assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr and len(lines) == 1, corrupt.stderr[-2000:]
     assert lines[0].startswith("eval.py: error: the digit classifier runs/digits/classifier-16.safetensors could "
@@ -3329,6 +3350,21 @@ def test_a_short_bridge_distillation_on_digits_sr_moves_the_generator_far_from_t
     one_step = results["teacher, 1 step"]["psnr"]
     assert results["RealUID generator, 1 step"]["psnr"] > one_step - 4, results  # moved, not into noise
     assert results["RealUID EMA 0.95, 1 step"]["psnr"] > one_step + 0.3, results  # and ends closer to the targets
+
+
+@pytest.mark.slow
+def test_a_short_digits_distillation_lowers_the_independent_fid_of_its_start(long_runs):
+    # About two minutes (long_runs). G's start, the paper's z + g(0, z), is the teacher's mean for every z: near
+    # one blurred digit. 40 generator updates later every net scores a fraction of its FID in the digit
+    # classifier's features (measured 405.9 -> 111.6 raw, 141.1 the EMAs: 3.6x and 2.9x lower) and puts a third as
+    # much of its mass in the wrong classes (class gap 0.31 -> 0.10, 0.09). Broken on purpose, a flipped
+    # generator loss ends at 3.1x the start's FID (1266), class gap 0.80
+    rows = [json.loads(line) for line in open(long_runs("digits") / "d" / "metrics.jsonl") if "fid/generator" in line]
+    start, end = rows[0], rows[-1]
+    assert (start["step"], end["step"]) == (0, 240)
+    for net in ("generator", "0.95"):
+        assert end[f"fid/{net}"] < start[f"fid/{net}"] / 2.5, (start, end)
+        assert end[f"classes/{net}"] < start[f"classes/{net}"] / 2, (start, end)
 
 
 def test_a_process_that_leaks_its_data_loader_still_exits(image_folder_run):
