@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from realuid import (Config, RealUID, UNet, build_field, generate, load_field, main as realuid_main, matching_model,
                      read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field, teacher_step,
-                     train_teacher)
+                     train_teacher, variant)
 from runtime import (CLASSIFIER_KIND, DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION,
                      Data, DigitClassifier, HeldOut, Parser, TeacherConfig, UsageError, classifier_path, config_dict,
                      count_parameters, cycled, fail, latest_checkpoint, load_checkpoint, load_data, load_digits,
@@ -454,21 +454,67 @@ def curve(rows, key):
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
-def plot_convergence(curves, metric, path, title):
-    """Figure 2: the metric against updates, mean over seeds, for each named list of per-seed curves."""
+def plot_convergence(curves, metric, path, title, levels=None, log=False):
+    """Figure 2: the metric against updates, mean over seeds, for each named list of per-seed curves (cut to the
+    shortest); levels: named horizontal lines (the teacher, the floor)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, per_seed in curves.items():
-        steps = [s for s, _ in per_seed[0]]
-        values = np.array([[v for _, v in c] for c in per_seed])
-        ax.plot(steps, values.mean(0), marker="o", ms=3, label=name)
+        n = min(map(len, per_seed))
+        steps = [s for s, _ in per_seed[0][:n]]
+        values = np.array([[v for _, v in c[:n]] for c in per_seed])
+        ax.plot(steps, values.mean(0), marker="o", ms=3, label=name + (f" ({len(per_seed)} seeds)" if len(
+            per_seed) > 1 else ""))
         if len(per_seed) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+    for i, (name, value) in enumerate((levels or {}).items()):
+        ax.axhline(value, color="k", ls=("--", ":", "-.")[i % 3], lw=1, label=f"{name}: {value:g}")
+    if log:
+        ax.set_yscale("log")
     ax.set(xlabel="updates (fake and generator)", ylabel=metric, title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def cmd_convergence(args):
+    """Figure 2 of finished runs: a score against updates, one curve per variant (UID, RealUID (alpha, beta)), the
+    mean over its runs (seeds) with their min-max band, and levels such as the teacher's FID and the floor."""
+    import types
+    curves, nets = {}, set()
+    for run in args.runs:
+        try:
+            with open(os.path.join(run, "arguments.json")) as f:
+                cfg = json.load(f)
+            with open(os.path.join(run, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f]
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{run} is not a realuid.py output folder ({getattr(e, 'strerror', None) or e})") from None
+        net = args.net or str(cfg["ema"][0])
+        key = f"{args.metric}/{net}"
+        points, nets = curve(rows, key), nets | {net}
+        if not points:
+            raise UsageError(f"{run} logged no {key}: its run needs --fid-every (and for classes the digit "
+                             f"classifier's features)")
+        name = variant(types.SimpleNamespace(**cfg))
+        name += f" ({cfg['alpha']}, {cfg['beta']})" if name.startswith("RealUID") else ""
+        curves.setdefault(name, []).append(points)
+    levels = {}
+    for level in args.level:
+        name, _, value = level.rpartition("=")
+        try:
+            levels[name] = float(value)
+        except ValueError:
+            raise UsageError(f"--level takes NAME=VALUE, e.g. 'teacher, 100 steps=8.15' (got {level!r})") from None
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    what = {"fid": "FID", "classes": "class gap", "w2": "W2"}.get(args.metric, args.metric)
+    label = "raw generator" if nets == {"generator"} else f"EMA {nets.pop()}" if len(nets) == 1 else "first EMA"
+    plot_convergence(curves, f"{what} ({label})", args.out,
+                     args.title or f"{what} against updates", levels, log=args.metric == "fid")
+    for name, per_seed in curves.items():
+        print(f"{name}: " + "; ".join(" ".join(f"{s}:{v:.4g}" for s, v in c) for c in per_seed))
+    print(f"wrote {args.out}")
 
 
 def run_grid(out, configs, seeds, common, key, log):
@@ -1165,6 +1211,15 @@ def main(argv=None):
     k.add_argument("--sigma-init", type=float, default=5.0, help="the noise level the generator is read at")
     k.add_argument("--n", type=int, default=400, help="points z (the kernel is n x n)")
     k.add_argument("--seed", type=int, default=0)
+    cv = sub.add_parser("convergence", help="Figure 2 of finished runs: FID (or the class gap, W2) against updates, "
+                                            "UID against RealUID, the mean over seeds")
+    cv.add_argument("runs", nargs="+", help="realuid.py output folders of runs with --fid-every")
+    cv.add_argument("--metric", default="fid", help="fid, classes (the digit classifier's class gap) or w2")
+    cv.add_argument("--net", default="", help="generator or an EMA decay (default: each run's first EMA)")
+    cv.add_argument("--level", action="append", default=[], help="a horizontal line NAME=VALUE, e.g. "
+                                                                   "'teacher, 100 steps=8.15' (repeatable)")
+    cv.add_argument("--title", default="")
+    cv.add_argument("--out", default="runs/convergence.png", help="the picture (PNG)")
     r = sub.add_parser("reproduce", help="the paper's claims at laptop scale: 1D closed forms, Table 1's grid, "
                                          "Figure 2's convergence, teacher correction (about 30 minutes; --quick)")
     r.add_argument("--quick", action="store_true", help="one seed, short runs: a few minutes")
@@ -1175,7 +1230,7 @@ def main(argv=None):
         {"sample": cmd_sample, "export": cmd_export, "fid": cmd_fid, "classifier": cmd_classifier,
          "efficiency": cmd_efficiency,
          "bench": cmd_bench, "reproduce": cmd_reproduce, "families": cmd_families,
-         "kernel": cmd_kernel}[args.command](args)
+         "kernel": cmd_kernel, "convergence": cmd_convergence}[args.command](args)
     except UsageError as e:
         return fail("eval.py", e)
     return 0

@@ -2014,6 +2014,38 @@ def test_fid_in_classifier_features_as_a_script_prints_the_floor_and_refuses_a_b
            "--resolution 16" in missing
 
 
+def test_convergence_plots_each_variant_as_the_mean_of_its_seeds_and_refuses_what_it_cannot_read(tmp_path,
+                                                                                                  monkeypatch):
+    def run(name, alpha, beta, fids):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "arguments.json").write_text(json.dumps(dict(
+            alpha=alpha, beta=beta, ema=[0.95, 0.99], gamma=None, normalized=False, dmd=False, alpha_sid=None,
+            gan=False, init_generator="")))
+        rows = [dict(step=s, **{"fid/0.95": v, "fid/generator": 2 * v}) for s, v in zip((0, 300, 600), fids)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(
+            step=650, gen_loss=1.0)]))
+        return str(tmp_path / name)
+    runs = [run("a", 0.92, 0.94, [100, 10, 8]), run("b", 0.92, 0.94, [100, 20, 12]), run("u", 1.0, 1.0, [100, 30, 9])]
+    seen = {}
+    monkeypatch.setattr(eval_py, "plot_convergence", lambda curves, metric, path, title, levels, log: seen.update(
+        curves=curves, metric=metric, levels=levels, log=log))
+    assert eval_py.main(["convergence", *runs, "--level", "teacher, 100 steps=8.15", "--out",
+                         str(tmp_path / "c.png")]) == 0
+    assert seen["curves"] == {"RealUID (0.92, 0.94)": [[(0, 100), (300, 10), (600, 8)], [(0, 100), (300, 20),
+                                                                                          (600, 12)]],
+                              "UID": [[(0, 100), (300, 30), (600, 9)]]}
+    assert seen["levels"] == {"teacher, 100 steps": 8.15} and seen["log"] and "EMA 0.95" in seen["metric"]
+    monkeypatch.undo()
+    assert eval_py.main(["convergence", *runs, "--net", "generator", "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 5000
+    # a folder that is no run, a score it did not log, a level without a value: one line each, nothing written
+    for argv, says in [([str(tmp_path / "none")], "is not a realuid.py output folder"),
+                       ([runs[0], "--metric", "classes"], "logged no classes/0.95"),
+                       ([runs[0], "--level", "teacher"], "--level takes NAME=VALUE")]:
+        assert says in refused_as_a_script(tmp_path / says[:6].strip(), "eval.py", "convergence", *argv, "--out",
+                                           "plots/c.png")
+
+
 def test_efficiency_counts_parameters_and_times_each_row(digits_features, tmp_path, capsys):
     assert eval_py.main(["efficiency", digits_features, "--batch", "4", "--teacher-steps", "3", "--repeats", "2",
                          "--out", str(tmp_path / "e.json")]) == 0
