@@ -801,7 +801,7 @@ def regression_start(generator, teacher, shape, updates, batch_size, lr, device,
     2021; DMD's regression loss). From u*'s one-step form distillation folds G onto separate modes too slowly and
     leaves points strung between them; this gives G the teacher's fold. The pairs: 50 batches, or one per 10
     updates when fewer (sampling them costs 100 updates' worth each; more pairs did not help: fine-detail.md)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(1_000_003 + seed)  # z no score draws (seeds 0, 1, ...): G memorises them
     z = torch.randn(min(50, -(-updates // 10)) * batch_size, *shape, generator=gen).to(device)
     y = torch.randint(num_classes, (len(z),), generator=gen).to(device) if num_classes else None
     label = (lambda i: None) if y is None else (lambda i: y[i])
