@@ -1002,7 +1002,7 @@ def cmd_fid(args):
         print("floor n/a: the reference is precomputed statistics, with no images to draw")
     else:
         values = [f["fid"] for f in floors]
-        floor = dict(floor=values, floor_mean=mean_spread(values)[0], floor_std=mean_spread(values)[1])
+        floor = dict(zip(("floor", "floor_mean", "floor_std"), (values, *mean_spread(values))))
         print(f"floor {floor['floor_mean']:.4f} +- {floor['floor_std']:.4f} (real reference images, {args.n} drawn "
               f"with replacement per run: {', '.join(f'{s:.4f}' for s in floor['floor'])})")
     classes = {}
