@@ -470,14 +470,18 @@ class Diffusion(MatchingModel):
     (t >= t_g); the generator loss (but v's) is read in the denoiser's units and divided per sample by the
     teacher's mean absolute denoising error of that sample (SiD's normalisation). clip (images: 1, their range):
     the sampler clamps x1_hat to [-clip, clip], DDPM's clip_sample (eps's x1_hat multiplies f's error by s / a).
+    weighting "sigma" (images' eps): the eps loss times max(1, s / a), so below SNR 1 it reads x1_hat's error over
+    sigma, not over sigma^2: where x1_hat multiplies f's error by up to 148, f is trained to match.
     """
     P_MEAN, P_STD = -0.5, 1.2
 
     def __init__(self, type="vp", param="eps", sigma_init=2.5, lam=(-10.0, 10.0), sigma=(80.0, 0.002), high=0.0,
-                 clip=None):
-        if type not in ("vp", "ve") or param not in ("eps", "score", "edm", "v") or (clip or 0) < 0:
-            raise ValueError(f"unknown diffusion {type!r} / parameterisation {param!r} / clip {clip!r}")
-        self.type, self.param, self.sigma_init, self.lam, self.sigma, self.clip = type, param, sigma_init, lam, sigma, clip
+                 clip=None, weighting=None):
+        if type not in ("vp", "ve") or param not in ("eps", "score", "edm", "v") or (clip or 0) < 0 or (
+                weighting not in (None, "sigma") or weighting and param != "eps"):
+            raise ValueError(f"unknown diffusion {type!r} / parameterisation {param!r} / clip {clip!r} / {weighting!r}")
+        self.type, self.param, self.sigma_init, self.lam, self.sigma = type, param, sigma_init, lam, sigma
+        self.clip, self.weighting = clip, weighting
         self.t_g = self.t_of_sigma(sigma_init)
         if not 0 <= self.t_g < 1 or not self.sigma_range()[0] < sigma_init <= self.sigma_range()[1]:
             raise ValueError(f"--sigma-init {sigma_init} lies outside this diffusion's noise levels")
@@ -485,7 +489,8 @@ class Diffusion(MatchingModel):
 
     def spec(self):
         return dict(type=self.type, param=self.param, sigma_init=self.sigma_init, lam=list(self.lam),
-                    sigma=list(self.sigma)) | {k: v for k, v in dict(high=self.high, clip=self.clip).items() if v}
+                    sigma=list(self.sigma)) | {k: v for k, v in dict(high=self.high, clip=self.clip,
+                                                                     weighting=self.weighting).items() if v}
 
     def sigma_range(self):
         return (math.exp(-self.lam[1] / 2), math.exp(-self.lam[0] / 2)) if self.type == "vp" else self.sigma[::-1]
@@ -533,7 +538,8 @@ class Diffusion(MatchingModel):
         return below_sigma_init(self, n, device)
 
     def weight(self, t):
-        return self.a_s(t)[1] ** 2 if self.param == "score" else None
+        a, s, _ = self.a_s(t)
+        return (s / a).clamp_min(1) if self.weighting else s ** 2 if self.param == "score" else None
 
     def path(self, x0, x1, t):
         a, s, _ = (pad_like(v, x1) for v in self.a_s(t))
@@ -665,13 +671,9 @@ def matching_model(spec=None):
     """A matching model from its plain-dict spec, as stored in checkpoints (none: flow matching)."""
     spec = dict(spec or dict(type="fm"))
     kind = spec.pop("type")
-    if kind == "fm":
-        return FlowMatching(**spec)
-    if kind in ("vp", "ve"):
-        return Diffusion(kind, **spec)
-    if kind in ("si", "bridge"):
-        return Interpolant(kind, **spec)
-    raise ValueError(f"unknown matching model {kind!r}: use fm, vp, ve, si or bridge")
+    if kind not in ("fm", "vp", "ve", "si", "bridge"):
+        raise ValueError(f"unknown matching model {kind!r}: use fm, vp, ve, si or bridge")
+    return FlowMatching(**spec) if kind == "fm" else (Diffusion if kind in ("vp", "ve") else Interpolant)(kind, **spec)
 
 
 # =============================================================================
@@ -1030,16 +1032,14 @@ def generate(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_
     from tqdm import tqdm
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training, net = net.training, net.to(device).eval()
-    labels = class_labels(n, num_classes, device)
+    labels = class_labels(n, num_classes, device) if sources is None else sources  # per sample: y, or x_T
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
         for start in tqdm(range(0, n, batch_size), desc=progress, disable=progress is None or None,
                           unit="batch", leave=False):
             b = min(batch_size, n - start)
             z = torch.randn(b, *shape, generator=gen, device=device)
-            y = None if labels is None else labels[start:start + b]
-            if sources is not None:
-                y = sources[start:start + b].to(device)
+            y = None if labels is None else labels[start:start + b].to(device)
             with autocast:
                 x = matching.one_step(net, z, y) if steps is None else matching.sample(net, z, steps, y, gen=gen)
             yield x.float()

@@ -221,10 +221,13 @@ def teacher_recipes(model, param=""):
 
 def matching_spec(cfg, kind):
     """The matching model's spec that a teacher's flags ask for (realuid.matching_model builds it): a diffusion on
-    images (in [-1, 1]) clamps its sampler's x1_hat to that range, on 2D data (unbounded) it does not."""
+    images (in [-1, 1]) clamps its sampler's x1_hat to that range, and its eps loss is weighted by max(1, sigma)
+    (eps's x1_hat is f's error times sigma, 148 at the noisiest level: unweighted, its DDIM samples came out
+    speckled, docs/matching-models.md); on 2D data (unbounded) neither, as measured there."""
     if cfg.model in ("vp", "ve"):
-        return dict(type=cfg.model, param=cfg.param or DEFAULT_PARAM[kind][cfg.model]) | (
-            {} if kind == "lowdim" else dict(clip=1.0))
+        param = cfg.param or DEFAULT_PARAM[kind][cfg.model]
+        return dict(type=cfg.model, param=param) | ({} if kind == "lowdim" else dict(clip=1.0)) | (
+            dict(weighting="sigma") if kind != "lowdim" and param == "eps" else {})
     if cfg.model in ("si", "bridge"):
         return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise)
     return dict(type="fm")

@@ -2156,6 +2156,34 @@ def test_a_diffusion_on_images_clamps_its_samplers_x1_hat_to_their_range_and_on_
         R.Diffusion("vp", "eps", clip=-1.0)
 
 
+def test_an_eps_diffusion_of_images_weighs_its_loss_by_sigma_so_low_snr_reads_the_denoisers_error_over_sigma():
+    # issue #39: eps's x1_hat = (x - s f) / a multiplies f's error by sigma = s / a (148 at t = 0); unweighted, a
+    # digits teacher's x1_hat was 5x off at log-SNR -8 and its DDIM samples speckled. Weighted by max(1, sigma),
+    # the loss is || x1_hat - x1 ||^2 / sigma below SNR 1 and the eps loss above it
+    g = torch.Generator().manual_seed(0)
+    m, plain = R.Diffusion("vp", "eps", weighting="sigma"), R.Diffusion("vp", "eps")
+    x1, x0, f = (torch.randn(200, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.rand(200, generator=g, dtype=torch.float64)
+    a, s, _ = m.a_s(t)
+    sigma, x_t = s / a, m.path(x0, x1, t)
+    weighted, x1_error = m.weight(t) * R.um_loss(f, m.target(x0, x1, t)), R.um_loss(m.denoise(f, x_t, t), x1)
+    low = sigma > 1
+    assert 40 < int(low.sum()) < 160
+    torch.testing.assert_close(weighted[low], x1_error[low] / sigma[low])
+    torch.testing.assert_close(weighted[~low], R.um_loss(f, x0)[~low])
+    assert plain.weight(t) is None and "weighting" not in plain.spec()
+    assert R.matching_model(m.spec()).spec() == m.spec() and m.spec()["weighting"] == "sigma"
+    # a teacher's spec: eps on images is weighted, eps on 2D data (unbounded, measured unweighted) and v are not
+    for model, param, kind, weighted in (("vp", "eps", "digits", True), ("ve", "eps", "image", True),
+                                         ("vp", "eps", "lowdim", False), ("vp", "", "digits", False),
+                                         ("ve", "edm", "digits", False)):
+        spec = RT.matching_spec(RT.make_config(RT.TeacherConfig, dict(model=model, param=param)), kind)
+        assert (spec.get("weighting") == "sigma") == weighted, (model, param, kind)
+    for param in ("v", "edm", "score"):
+        with pytest.raises(ValueError, match="unknown diffusion"):
+            R.Diffusion("vp", param, weighting="sigma")
+
+
 def test_the_stochastic_samplers_draw_their_noise_from_the_seed_not_the_global_state():
     # the bridge teacher's sampler and diffusion's reverse SDE: the same seed gives the same samples after any
     # other use of torch's global generator, and another seed other samples
