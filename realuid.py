@@ -470,8 +470,7 @@ class Diffusion(MatchingModel):
     (t >= t_g); the generator loss (but v's) is read in the denoiser's units and divided per sample by the
     teacher's mean absolute denoising error of that sample (SiD's normalisation). clip (images: 1, their range):
     the sampler clamps x1_hat to [-clip, clip], DDPM's clip_sample (eps's x1_hat multiplies f's error by s / a).
-    weighting "sigma" (images' eps): the eps loss times max(1, s / a), so below SNR 1 it reads x1_hat's error over
-    sigma, not over sigma^2: where x1_hat multiplies f's error by up to 148, f is trained to match.
+    weighting "sigma" (images' eps): the eps loss times max(1, s / a), x1_hat's error over sigma below SNR 1.
     """
     P_MEAN, P_STD = -0.5, 1.2
 
@@ -537,9 +536,10 @@ class Diffusion(MatchingModel):
     def distill_t(self, n, device):  # SiD: noise levels below the generator's own, s / a <= sigma_init
         return below_sigma_init(self, n, device)
 
-    def weight(self, t):
-        a, s, _ = self.a_s(t)
-        return (s / a).clamp_min(1) if self.weighting else s ** 2 if self.param == "score" else None
+    def weight(self, t):  # None (1) unless weighted: computed on every fake-model update
+        if self.weighting or self.param == "score":
+            a, s, _ = self.a_s(t)
+            return (s / a).clamp_min(1) if self.weighting else s ** 2
 
     def path(self, x0, x1, t):
         a, s, _ = (pad_like(v, x1) for v in self.a_s(t))

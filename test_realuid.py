@@ -2174,11 +2174,11 @@ def test_an_eps_diffusion_of_images_weighs_its_loss_by_sigma_so_low_snr_reads_th
     assert plain.weight(t) is None and "weighting" not in plain.spec()
     assert R.matching_model(m.spec()).spec() == m.spec() and m.spec()["weighting"] == "sigma"
     # a teacher's spec: eps on images is weighted, eps on 2D data (unbounded, measured unweighted) and v are not
-    for model, param, kind, weighted in (("vp", "eps", "digits", True), ("ve", "eps", "image", True),
-                                         ("vp", "eps", "lowdim", False), ("vp", "", "digits", False),
-                                         ("ve", "edm", "digits", False)):
+    for model, param, kind, want in (("vp", "eps", "digits", True), ("ve", "eps", "image", True),
+                                     ("vp", "eps", "lowdim", False), ("vp", "", "digits", False),
+                                     ("ve", "edm", "digits", False)):
         spec = RT.matching_spec(RT.make_config(RT.TeacherConfig, dict(model=model, param=param)), kind)
-        assert (spec.get("weighting") == "sigma") == weighted, (model, param, kind)
+        assert (spec.get("weighting") == "sigma") == want, (model, param, kind)
     # and trains three times as long as the other digits teachers: its FID 87 at 2500 updates, 37 at 7500
     assert RT.teacher_recipes("vp", "eps")["digits"]["steps"] == 3 * RT.teacher_recipes("vp", "v")["digits"]["steps"]
     for param in ("v", "edm", "score"):
