@@ -2548,7 +2548,8 @@ def test_distillation_draws_a_share_of_its_noise_levels_from_the_top_band(family
     a, s, _ = (m.a_s if kind != "fm" else lambda t: (t, 1 - t, None))(torch.tensor([m.t_g, m.t_band]))
     assert (s / a).tolist() == pytest.approx([2.5, 0.5], rel=1e-5)  # the band's noise levels
     t = m.distill_t(400_000, "cpu").double()
-    assert float(t.min()) >= m.t_g and float(t.max()) > 0.999
+    # the draws are float32: one at u ~ 0 is t_g rounded to float32, up to half an ulp below t_g (a flaky failure)
+    assert float(t.min()) >= torch.tensor(m.t_g, dtype=torch.float32).item() and float(t.max()) > 0.999
     for u in torch.linspace(m.t_g, 1, 12)[1:-1].tolist():  # the draws' CDF is the mixture's
         cdf = 0.7 * (u - m.t_g) / (1 - m.t_g) + 0.3 * min(1.0, (u - m.t_g) / (m.t_band - m.t_g))
         assert float((t <= u).double().mean()) == pytest.approx(cdf, abs=0.004)
