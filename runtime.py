@@ -205,7 +205,7 @@ TEACHER_RECIPES = dict(
 # further from the data than the teacher's single step (W2 2.71 against 2.34); they are measured on unpaired data
 FAMILY_TEACHER_RECIPES = {("lowdim", "vp", "eps"): dict(steps=15000), ("lowdim", "vp", "score"): dict(steps=15000),
                           ("lowdim", "si", ""): dict(fourier=0), ("lowdim", "bridge", ""): dict(fourier=0),
-                          ("digits", "vp", "eps"): dict(steps=7500)}  # FID 87 at 2500 updates, 37 at 7500 (#39)
+                          ("digits", "vp", "eps"): dict(steps=15000)}  # FID 87 at 2500 updates, 37 at 7500, 23 at 15000
 # A diffusion's parameterisation when --param is not given, per kind of data. On digits VP (eps) and VE (edm) score
 # about 2.8x flow matching's FID after distillation (measured before eps's sampler clamp and loss weight, #39),
 # where v comes within 5 to 35 % of it (docs/matching-models.md); on 2D eps and edm reach their teachers
