@@ -116,7 +116,8 @@ class DistillFlags(RunFlags):
     (checkpoints kept, sample grids, loggers, speed, model selection)."""
     dataset: str = opt("8gaussians", "8gaussians, modes-arc, checkerboard (2D), digits, cifar10, an image folder, "
                                      "PATH.npy (N x D floats, N x H x W x C uint8); paired (si, bridge): pairs (2D), "
-                                     "digits-sr, digits-inpaint, PATH.npz (uint8 source, target), DIR --target-dir")
+                                     "digits-sr, digits-inpaint, digits-sr8, digits-inpaint-top, PATH.npz (uint8 source, "
+                                     "target), DIR --target-dir")
     cond: bool = opt(False, "class-conditional generator, teacher and fake model")
     model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
                          "default: the teacher file's, fm for a teacher trained on the spot")
@@ -157,7 +158,8 @@ class TeacherConfig(RunFlags):
     """teacher.py's flags (and those of a teacher trained on the spot). Defaults: torchcfm's CIFAR-10 recipe."""
     dataset: str = opt("8gaussians", "8gaussians, modes-arc or checkerboard (built-in 2D), digits, cifar10, an "
                                      "image folder, or PATH.npy; paired (si, bridge): pairs, digits-sr, "
-                                     "digits-inpaint, PATH.npz, or a folder with --target-dir")
+                                     "digits-inpaint, digits-sr8, digits-inpaint-top, PATH.npz, or a folder with "
+                                     "--target-dir")
     cond: bool = opt(False, "class-conditional teacher")
     model: str = opt("fm", "matching model: fm (flow matching), vp or ve (diffusion), si or bridge (data-to-data "
                            "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
@@ -1479,17 +1481,21 @@ def own_size(files, folder):
     return next(iter(sizes))[0]
 
 
-DEGRADATIONS = ("digits-sr", "digits-inpaint")  # the built-in image-to-image tasks on the digits
+# The built-in image-to-image tasks on the digits, as (how, factor): 4x super-resolution and the upper half leave
+# little unknown, 8x (2 x 2 blocks at 16 x 16) and the upper quarter leave the answer uncertain
+DEGRADATIONS = {"digits-sr": ("blocks", 4), "digits-inpaint": ("rows", 2), "digits-sr8": ("blocks", 8),
+                "digits-inpaint-top": ("rows", 4)}
 
 
 def degrade(task, x):
     """A built-in task's source from its target, images in [-1, 1]; exactly this, so that a restoration's
     consistency with its source is checked by degrading it again."""
-    if task == "digits-sr":  # 4x super-resolution: the means of 4 x 4 blocks, upsampled back by nearest neighbour
-        return F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="nearest")
-    if task == "digits-inpaint":  # the lower half (rows 8 to 15 at 16 x 16) black
-        half = x.shape[-2] // 2
-        return torch.cat([x[..., :half, :], torch.full_like(x[..., half:, :], -1.0)], -2)
+    how, f = DEGRADATIONS.get(task, (None, 0))
+    if how == "blocks":  # the means of f x f blocks, upsampled back by nearest neighbour
+        return F.interpolate(F.avg_pool2d(x, f), scale_factor=f, mode="nearest")
+    if how == "rows":  # the upper 1/f of the rows kept, the rest black
+        kept = x.shape[-2] // f
+        return torch.cat([x[..., :kept, :], torch.full_like(x[..., kept:, :], -1.0)], -2)
     raise ValueError(f"unknown degradation {task!r}")
 
 
@@ -1582,9 +1588,9 @@ def load_data(cfg):
         files = list_images(name)
         data = Data(files=files, resolution=res or own_size(files, name), kind="image", recipe="image", flip=True)
     else:
-        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, modes-arc, checkerboard, pairs, digits, digits-sr, "
-                         f"digits-inpaint, cifar10, a folder of images (with --target-dir: paired), a .npy file "
-                         f"(N x D floats or N x H x W x C uint8) or a .npz of uint8 source and target images")
+        raise UsageError(f"unknown dataset {name!r}: use 8gaussians, modes-arc, checkerboard, pairs, digits, "
+                         f"{', '.join(DEGRADATIONS)}, cifar10, a folder of images (with --target-dir: paired), a .npy "
+                         f"file (N x D floats or N x H x W x C uint8) or a .npz of uint8 source and target images")
     if data.kind == "image" and min(data.shape()[1:]) % 8:
         raise UsageError(f"{name} holds images of side {data.shape()[1:]}; the UNet needs a multiple of 8"
                          + (" (--resolution sets it)" if data.files is not None or name == "digits" else ""))

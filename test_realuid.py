@@ -3321,6 +3321,10 @@ def test_the_built_in_degradations_are_exactly_as_specified():
     torch.testing.assert_close(sr, blocks.repeat_interleave(4, 2).repeat_interleave(4, 3))
     inpaint = RT.degrade("digits-inpaint", x)
     assert torch.equal(inpaint[..., :8, :], x[..., :8, :]) and (inpaint[..., 8:, :] == -1).all()
+    quads = x.reshape(5, 1, 2, 8, 2, 8).mean((3, 5))  # the wide-law tasks: 8x (2 x 2 blocks), the top quarter
+    torch.testing.assert_close(RT.degrade("digits-sr8", x), quads.repeat_interleave(8, 2).repeat_interleave(8, 3))
+    top = RT.degrade("digits-inpaint-top", x)
+    assert torch.equal(top[..., :4, :], x[..., :4, :]) and (top[..., 4:, :] == -1).all()
     for task in RT.DEGRADATIONS:  # the data sets' sources are their targets degraded, held-out pairs too
         data = RT.load_data(make_data_cfg(task))
         assert data.coupled and data.shape() == [1, 16, 16] and data.x.dtype == torch.uint8
