@@ -38,11 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runtime import (DATA_FLAGS, SELECTION_FLAGS, TEACHER_FLAGS, DistillFlags, Diverged, Guard, ModelSelection, Ranks,
-                     UsageError, batches, check_teacher_data, checkpoints_in, closing_report, config_dict,
-                     count_parameters, default_field_spec, distill_config, distill_matching_spec, distill_parts, failed,
-                     finish, grid_writer, load_state, matching_spec, open_run, parser_from_dataclass, place,
-                     read_field_checkpoint, refusing, restore, rewind_metrics, save_json, spot_teacher,
-                     stale_temporaries, stopped_by, supervise, supervise_teacher, teacher_grid, use_bf16)
+                     UsageError, batches, checkpoints_in, closing_report, config_dict, count_parameters,
+                     default_field_spec, distill_config, distill_matching_spec, distill_parts, failed, finish,
+                     grid_writer, load_state, matching_spec, open_run, parser_from_dataclass, place, prepare_teacher,
+                     read_field_checkpoint, refusing, restore, rewind_metrics, save_json, stale_temporaries,
+                     stopped_by, supervise, supervise_teacher, teacher_grid, use_bf16)
 
 # =============================================================================
 # The method, from here to distill(): torch and Python's standard library alone, one block to copy (README)
@@ -614,18 +614,20 @@ class Interpolant(MatchingModel):
     si (stochastic interpolant, eq. 40): x_t = (1 - t) x0 + t x1 + gamma_t eps, gamma_t = sigma t (1 - t);
         target dx_t/dt = x1 - x0 + gamma'_t eps; the ODE dx = b dt carries p_0(.|x_T) to p_1(.|x_T).
     bridge (Brownian bridge matching, eq. 39): gamma_t = sigma sqrt(t (1 - t)); target the bridge's drift
-        (x1 - x_t) / (1 - t); sampled by Euler-Maruyama of dx = v dt + sigma dW.
+        (x1 - x_t) / (1 - t) weighted by 1 - t, or (param "scaled") times sqrt(1 - t), unweighted: the same loss,
+        the output at unit scale near t = 1; sampled by Euler-Maruyama of dx = v dt + sigma dW.
     The one-step generator G(z, x_T) = x0 + g(0, x0, x_T) is the teacher's first Euler step (IBMD's form).
     noise holds (x0, eps) stacked on dim 1."""
     coupled = True
 
-    def __init__(self, type="si", sigma=0.5, source_noise=0.1, t_max=0.99):
-        if type not in ("si", "bridge"):
-            raise ValueError(f"unknown interpolant {type!r}")
-        self.type, self.sigma, self.source_noise, self.t_max = type, sigma, source_noise, t_max
+    def __init__(self, type="si", sigma=0.5, source_noise=0.1, t_max=0.99, param="drift"):
+        if type not in ("si", "bridge") or param not in ("drift", "scaled") or (type, param) == ("si", "scaled"):
+            raise ValueError(f"unknown interpolant {type!r} with param {param!r}")
+        self.type, self.sigma, self.source_noise, self.t_max, self.param = type, sigma, source_noise, t_max, param
 
-    def spec(self):
-        return dict(type=self.type, sigma=self.sigma, source_noise=self.source_noise, t_max=self.t_max)
+    def spec(self):  # a spec without param, as the files saved before it, is the drift's
+        return dict(type=self.type, sigma=self.sigma, source_noise=self.source_noise, t_max=self.t_max) | (
+            dict(param=self.param) if self.param != "drift" else {})
 
     def noise(self, x1, y):
         return torch.stack([y + self.source_noise * torch.randn_like(x1), torch.randn_like(x1)], 1)
@@ -634,9 +636,9 @@ class Interpolant(MatchingModel):
         return torch.rand(n, device=device) * (self.t_max if self.type == "bridge" else 1.0)
 
     def weight(self, t):
-        # the bridge's target has variance sigma^2 t / (1 - t): weighting by 1 - t keeps every time's share of
-        # the loss bounded and leaves the minimiser, a conditional mean at each t, unchanged
-        return 1 - t if self.type == "bridge" else None
+        # the drift has variance sigma^2 t / (1 - t): weighting by 1 - t (or scaling by its root) keeps every
+        # time's share of the loss bounded and leaves the minimiser, a conditional mean at each t, unchanged
+        return 1 - t if self.type == "bridge" and self.param == "drift" else None
 
     def gamma(self, t):
         return self.sigma * (t * (1 - t) if self.type == "si" else (t * (1 - t)).clamp_min(0).sqrt())
@@ -651,7 +653,8 @@ class Interpolant(MatchingModel):
         t = pad_like(t, x1)
         if self.type == "si":
             return x1 - x0 + self.sigma * (1 - 2 * t) * eps
-        return x1 - x0 - self.sigma * (t / (1 - t)).sqrt() * eps  # (x1 - x_t) / (1 - t)
+        drift = x1 - x0 - self.sigma * (t / (1 - t)).sqrt() * eps  # (x1 - x_t) / (1 - t)
+        return drift * (1 - t).sqrt() if self.param == "scaled" else drift
 
     def one_step(self, g, z, y):
         x0 = y + self.source_noise * z
@@ -661,7 +664,8 @@ class Interpolant(MatchingModel):
     def sample(self, field, z, steps, y, sde=True, gen=None):
         x = y + self.source_noise * z
         for i in range(steps):
-            x = x + field(time_grid(i, steps, x), x, y) / steps
+            t = time_grid(i, steps, x)
+            x = x + field(t, x, y) / (pad_like((1 - t).sqrt(), x) * steps if self.param == "scaled" else steps)
             if self.type == "bridge" and i < steps - 1:
                 x = x + self.sigma * math.sqrt(1 / steps) * gaussian_like(x, gen)
         return x
@@ -693,8 +697,7 @@ def check_coefficients(alpha, beta, gamma=None):
                              f"with alpha = beta = 1): otherwise the fake model's objective is unbounded "
                              f"(got alpha={alpha}, beta={beta}, gamma={gamma})")
         return
-    ok = 0 < alpha <= 1 and 0 < beta <= 1 and (alpha < 1 or beta == 1)
-    if not ok:
+    if not (0 < alpha <= 1 and 0 < beta <= 1 and (alpha < 1 or beta == 1)):
         raise ValueError(f"alpha and beta must lie in (0, 1], and alpha = 1 is allowed only with "
                          f"beta = 1 (got alpha={alpha}, beta={beta})")
 
@@ -1115,16 +1118,6 @@ def load_field(path, what="teacher", ema=None, **kw):
     return load_state(net, sd, f"{what} {path}"), ckpt
 
 
-def prepare_teacher(cfg, data, out, device, ranks=None):
-    """The teacher field: from --teacher, or the output folder's, trained on the spot (runtime.spot_teacher)."""
-    path = cfg.teacher or spot_teacher(cfg, data, out, device, ranks or Ranks(), train_teacher)
-    res = data.shape()[-1] if data.kind == "image" else None
-    net, ckpt = load_field(path, "teacher", cfg.teacher_ema, image_size=res, num_heads=cfg.num_heads,
-                           num_head_channels=cfg.num_head_channels)
-    check_teacher_data(path, ckpt, data)
-    return net.to(device), ckpt
-
-
 def teacher_matching(cfg, ckpt, data, path):
     """The distillation's matching model: the teacher file's family with SiD's generator noise level and the top
     band where they apply (runtime.distill_matching_spec, which refuses a family the data or the loss cannot use)."""
@@ -1187,7 +1180,7 @@ def main(argv=None):
         ranks, device, out, created = open_run(cfg, data)
         say = print if ranks.main else lambda *a: None
         torch.manual_seed(cfg.seed)
-        teacher, teacher_ckpt = prepare_teacher(cfg, data, out, device, ranks)
+        teacher, teacher_ckpt = prepare_teacher(cfg, data, out, device, ranks, train_teacher, load_field)
         matching = teacher_matching(cfg, teacher_ckpt, data, cfg.teacher or os.path.join(out, "teacher.pt"))
         spec = dict(teacher_ckpt["field"])  # the generator and the fake model train without dropout (App. D)
         spec |= dict(dropout=0.0) if spec.get("type") == "unet" else {}

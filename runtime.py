@@ -116,8 +116,8 @@ class DistillFlags(RunFlags):
     (checkpoints kept, sample grids, loggers, speed, model selection)."""
     dataset: str = opt("8gaussians", "8gaussians, modes-arc, checkerboard (2D), digits, cifar10, an image folder, "
                                      "PATH.npy (N x D floats, N x H x W x C uint8); paired (si, bridge): pairs (2D), "
-                                     "digits-sr, digits-inpaint, digits-sr8, digits-inpaint-top, PATH.npz (uint8 source, "
-                                     "target), DIR --target-dir")
+                                     "digits-sr, digits-inpaint, digits-sr8, digits-inpaint-top, PATH.npz (uint8 "
+                                     "source, target), DIR --target-dir")
     cond: bool = opt(False, "class-conditional generator, teacher and fake model")
     model: str = opt("", "matching model: fm, vp, ve (diffusion), si, bridge (data-to-data, e.g. --dataset pairs); "
                          "default: the teacher file's, fm for a teacher trained on the spot")
@@ -165,8 +165,9 @@ class TeacherConfig(RunFlags):
                            "pairs, e.g. --dataset pairs)", choices=("fm", "vp", "ve", "si", "bridge"))
     param: str = opt("", "diffusion: the network predicts the noise (eps), the score, EDM's preconditioned "
                          "denoiser (edm), or flow matching's velocity on its clock (v); default: eps for vp, edm "
-                         "for ve on 2D data, v on images",
-                         choices=("", "eps", "score", "edm", "v"))
+                         "for ve on 2D data, v on images. bridge: the drift, or the drift times sqrt(1 - t) "
+                         "(scaled); default: drift on 2D data, scaled on images",
+                         choices=("", "eps", "score", "edm", "v", "drift", "scaled"))
     sigma: float = opt(0.5, "si, bridge: the scale of the path's noise gamma_t")
     source_noise: float = opt(0.1, "si, bridge: the noise added to the source x_T at t = 0 (the generator's z)")
     lr: float = opt(2e-4, "Adam learning rate")
@@ -211,14 +212,19 @@ FAMILY_TEACHER_RECIPES = {("lowdim", "vp", "eps"): dict(steps=15000), ("lowdim",
 # A diffusion's parameterisation when --param is not given, per kind of data. On digits VP (eps) and VE (edm) score
 # about 2.8x flow matching's FID after distillation (measured before eps's sampler clamp and loss weight, #39),
 # where v comes within 5 to 35 % of it (docs/matching-models.md); on 2D eps and edm reach their teachers
-DEFAULT_PARAM = dict(lowdim=dict(vp="eps", ve="edm"), digits=dict(vp="v", ve="v"), image=dict(vp="v", ve="v"))
+# A bridge's drift grows like 1 / sqrt(1 - t) near the data: on images its error there left grain in the 100-step
+# samples, which the drift scaled by sqrt(1 - t) removes (docs/image-to-image.md); 2D bridges were measured unscaled
+DEFAULT_PARAM = dict(lowdim=dict(vp="eps", ve="edm", bridge="drift"), digits=dict(vp="v", ve="v", bridge="scaled"),
+                     image=dict(vp="v", ve="v", bridge="scaled"))
+DIFFUSION_PARAMS = ("eps", "score", "edm", "v")
+PARAMS = dict(fm=(), si=(), vp=DIFFUSION_PARAMS, ve=DIFFUSION_PARAMS, bridge=("drift", "scaled"))
 
 
 def teacher_recipes(model, param=""):
     """TEACHER_RECIPES, per kind of data, with what the family (model, param) needs on top."""
     family = {kind: (model or "fm", param or DEFAULT_PARAM[kind].get(model, "")) for kind in TEACHER_RECIPES}
-    return {kind: recipe | FAMILY_TEACHER_RECIPES.get((kind, *family[kind]), {})
-            for kind, recipe in TEACHER_RECIPES.items()}
+    return {kind: recipe | FAMILY_TEACHER_RECIPES.get((kind, family[kind][0], ""), {})  # "": every param's
+            | FAMILY_TEACHER_RECIPES.get((kind, *family[kind]), {}) for kind, recipe in TEACHER_RECIPES.items()}
 
 
 def matching_spec(cfg, kind):
@@ -231,7 +237,9 @@ def matching_spec(cfg, kind):
         return dict(type=cfg.model, param=param) | ({} if kind == "lowdim" else dict(clip=1.0)) | (
             dict(weighting="sigma") if kind != "lowdim" and param == "eps" else {})
     if cfg.model in ("si", "bridge"):
-        return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise)
+        param = cfg.param or DEFAULT_PARAM[kind].get(cfg.model, "drift")
+        return dict(type=cfg.model, sigma=cfg.sigma, source_noise=cfg.source_noise) | (
+            dict(param=param) if param != "drift" else {})
     return dict(type="fm")
 
 
@@ -289,6 +297,9 @@ def check_finite(cfg):
     for name in NON_NEGATIVE:
         if name in names and not getattr(cfg, name) >= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
+    if "param" in names and cfg.param and cfg.param not in PARAMS.get(cfg.model, ()):
+        raise UsageError(f"--param {cfg.param} is not one of --model {cfg.model}'s: "
+                         f"{', '.join(PARAMS.get(cfg.model, ())) or 'it takes none'}")
     if "ema" in names and (not cfg.ema or not all(0 < d < 1 for d in cfg.ema)):
         raise UsageError(f"every --ema decay must lie in (0, 1) (got {list(cfg.ema)})")
 
@@ -955,6 +966,16 @@ def spot_teacher(cfg, data, out, device, ranks, train):
         print(f"teacher training took {time.time() - t0:.0f} s")
     ranks.barrier()
     return path
+
+
+def prepare_teacher(cfg, data, out, device, ranks, train, load_field):
+    """realuid.py's teacher field and its file: from --teacher, or the output folder's, trained on the spot."""
+    path = cfg.teacher or spot_teacher(cfg, data, out, device, ranks, train)
+    res = data.shape()[-1] if data.kind == "image" else None
+    net, ckpt = load_field(path, "teacher", cfg.teacher_ema, image_size=res, num_heads=cfg.num_heads,
+                           num_head_channels=cfg.num_head_channels)
+    check_teacher_data(path, ckpt, data)
+    return net.to(device), ckpt
 
 
 def state_of(device, step, **parts):

@@ -2207,9 +2207,11 @@ def test_the_stochastic_samplers_draw_their_noise_from_the_seed_not_the_global_s
     assert not torch.allclose(sde(2, 0), sde(1, 0))
 
 
-@pytest.mark.parametrize("kind", ["si", "bridge"])
+@pytest.mark.parametrize("kind", ["si", "bridge", "bridge-scaled"])
 def test_interpolant_target_minimiser_and_sampler_are_the_closed_forms(kind):
-    m, x_T, mu, v, n = R.Interpolant(kind, sigma=0.5, source_noise=0.3), -1.0, 2.0, 0.25, 400_000
+    kind, scaled = kind.split("-")[0], kind.endswith("scaled")  # scaled: the drift times sqrt(1 - t)
+    m = R.Interpolant(kind, sigma=0.5, source_noise=0.3, param="scaled" if scaled else "drift")
+    x_T, mu, v, n = -1.0, 2.0, 0.25, 400_000
     g = torch.Generator().manual_seed(0)
     x1 = mu + v ** 0.5 * torch.randn(n, 1, generator=g)
     y = torch.full((n, 1), x_T)
@@ -2226,7 +2228,8 @@ def test_interpolant_target_minimiser_and_sampler_are_the_closed_forms(kind):
     if kind == "si":  # the target is the path's time derivative (eq. 40)
         torch.testing.assert_close(m.target(noise.double(), x1.double(), t), d)
     else:  # the Brownian bridge's drift (x1 - x_t) / (1 - t) (eq. 39)
-        torch.testing.assert_close(m.target(noise, x1, t.float()), (x1 - m.path(noise, x1, t.float())) / 0.6)
+        drift = (x1 - m.path(noise, x1, t.float())) / 0.6
+        torch.testing.assert_close(m.target(noise, x1, t.float()), drift * (0.6 ** 0.5 if scaled else 1))
 
     def closed(t, x):  # E[target | x_t = x, x_T]: all Gaussian, so linear regression is exact
         t = R.pad_like(t, x)
@@ -2234,7 +2237,7 @@ def test_interpolant_target_minimiser_and_sampler_are_the_closed_forms(kind):
         var = (1 - t) ** 2 * 0.09 + t ** 2 * v + gamma ** 2
         x1_hat = mu + t * v / var * (x - (1 - t) * x_T - t * mu)
         if kind == "bridge":
-            return (x1_hat - x) / (1 - t)
+            return (x1_hat - x) / (1 - t) * ((1 - t).sqrt() if scaled else 1)
         cov = t * v - (1 - t) * 0.09 + gamma * 0.5 * (1 - 2 * t)  # Cov(x1 - x0 + gamma' eps, x_t)
         return mu - x_T + cov / var * (x - (1 - t) * x_T - t * mu)
     for tv in (0.3, 0.7):
@@ -2248,6 +2251,40 @@ def test_interpolant_target_minimiser_and_sampler_are_the_closed_forms(kind):
     assert abs(x.mean() - mu) < 0.02 and abs(x.std() - v ** 0.5) < 0.02, (x.mean(), x.std())
     one = m.one_step(lambda t, x, y: closed(t, x), z, torch.full_like(z, x_T))  # the first Euler step
     torch.testing.assert_close(one, x_T + 0.3 * z + closed(torch.zeros(1), x_T + 0.3 * z))
+
+
+def test_the_scaled_bridge_has_the_drifts_loss_and_is_the_default_on_images(tmp_path):
+    # #40: the drift (x1 - x_t) / (1 - t) grows like 1 / sqrt(1 - t); the network's output scaled by sqrt(1 - t),
+    # unweighted, is the same loss for every field (and so the same minimiser), with an output of unit scale
+    g = torch.Generator().manual_seed(0)
+    drift, scaled = R.Interpolant("bridge"), R.Interpolant("bridge", param="scaled")
+    x1, y, f = (torch.randn(300, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    noise = torch.stack([y + 0.1 * torch.randn_like(x1), torch.randn_like(x1)], 1)
+    t = torch.rand(300, generator=g, dtype=torch.float64) * 0.99
+    root = R.pad_like((1 - t).sqrt(), f)
+    torch.testing.assert_close(drift.weight(t) * R.um_loss(f, drift.target(noise, x1, t)),
+                               R.um_loss(root * f, scaled.target(noise, x1, t)))
+    assert scaled.weight(t) is None and scaled.generator_weight(t, None, None, None) is None
+    near = t > 0.9  # the output's scale near the data: the drift's target grows, the scaled one stays below 1
+    assert drift.target(noise, x1, t)[near].std() > 2 and scaled.target(noise, x1, t)[near].std() < 0.6
+    # its sampler reads the drift back, and the one step (t = 0) is the drift's
+    z = torch.randn(300, 1, 4, 4, generator=g, dtype=torch.float64)
+    field = lambda t, x, y: (y - x) / (1 - R.pad_like(t, x))  # a drift to the source
+    sfield = lambda t, x, y: field(t, x, y) * R.pad_like((1 - t).sqrt(), x)
+    torch.testing.assert_close(scaled.sample(sfield, z, 20, y, gen=torch.Generator().manual_seed(1)),
+                               drift.sample(field, z, 20, y, gen=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(scaled.one_step(sfield, z, y), drift.one_step(field, z, y))
+    # specs: a file without param is the drift's (the bridges saved before); teachers of images are scaled
+    assert "param" not in drift.spec() and R.matching_model(scaled.spec()).param == "scaled"
+    spec = lambda kind, **user: RT.matching_spec(RT.make_config(RT.TeacherConfig, dict(model="bridge", **user)), kind)
+    assert spec("digits")["param"] == spec("image")["param"] == "scaled" and "param" not in spec("lowdim")
+    assert "param" not in spec("digits", param="drift") and spec("lowdim", param="scaled")["param"] == "scaled"
+    assert RT.teacher_recipes("bridge", "scaled")["lowdim"]["fourier"] == 0  # the 2D bridges' plain MLP either way
+    with pytest.raises(ValueError):
+        R.Interpolant("si", param="scaled")
+    for model, param in (("bridge", "eps"), ("vp", "scaled"), ("fm", "v")):
+        line = refused_as_a_script(tmp_path / model, "teacher.py", "--model", model, "--param", param, "--steps", "1")
+        assert f"--param {param} is not one of --model {model}'s" in line, line
 
 
 def test_bridge_uid_generator_loss_is_the_ibmd_loss():
