@@ -1155,7 +1155,7 @@ RECIPES = dict(
     lowdim_pairs=dict(regress=0),  # on top of lowdim, for si and bridge: their noise is the source's
     digits=dict(lr=3e-4, batch_size=64, steps=1200, warmup=100, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
                 log_every=50, save_every=600, sample_every=300, fid_samples=2000),
-    digits_pairs=dict(ema_rampup=0.0),  # on top of digits, for digits-sr and digits-inpaint
+    digits_pairs=dict(ema_rampup=0.0),  # on top of digits, for the paired digits tasks (runtime.DEGRADATIONS)
     image={})
 
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0, regress=0)  # App. D.2
