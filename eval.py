@@ -1019,8 +1019,8 @@ def cmd_fid(args):
 
 
 def cmd_sample(args):
-    if args.n < 1:
-        raise UsageError("--n must be positive")
+    if args.n < 1 or args.draws < 1:
+        raise UsageError("--n and --draws must be positive")
     path, net, ckpt, steps, matching = load_net(args)
     info = ckpt.get("data") or {}
     paired = matching.coupled and info.get("kind") == "image"
@@ -1037,7 +1037,7 @@ def cmd_sample(args):
     out = args.out
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     if paired:
-        write_pairs(args, path, ckpt, net if steps is not None else None, steps, matching, data, x, device)
+        write_pairs(args, path, ckpt, net, steps, matching, data, x, device)
     elif info.get("kind") == "image":
         save_grid(x[:min(len(x), args.grid)], os.path.splitext(out)[0] + ".png")
         images = to_uint8(x).numpy().transpose(0, 2, 3, 1)
@@ -1061,9 +1061,10 @@ def cmd_sample(args):
               + (" as (x_T, x1) rows, x_T the held-out sources" if sources is not None else ""))
 
 
-def write_pairs(args, path, ckpt, teacher, steps, matching, data, x, device):
+def write_pairs(args, path, ckpt, net, steps, matching, data, x, device):
     """eval.py sample on paired images: uint8 source, images (the outputs) and target (the held-out ground truth)
-    in one .npz, their scores, and a grid of source | teacher 1 step | teacher N steps | generator | target."""
+    in one .npz, their scores, and a grid of source | teacher 1 step | teacher N steps | generator (--draws z
+    each) | target."""
     def nhwc(v):
         return (v if v.dtype == torch.uint8 else to_uint8(v)).numpy().transpose(0, 2, 3, 1)
     sources, targets = cycled(data.src_test, args.n), cycled(data.x_test, args.n)
@@ -1074,6 +1075,7 @@ def write_pairs(args, path, ckpt, teacher, steps, matching, data, x, device):
           f"of the held-out sources with their targets to {args.out}: "
           + ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()))
     rows = min(args.n, args.grid, 16)
+    teacher = net if steps is not None else None
     if teacher is None:  # a generator: its run's teacher gives the grid's teacher columns
         where = ckpt["config"].get("teacher") or os.path.join(os.path.dirname(os.path.abspath(path)), "teacher.pt")
         try:
@@ -1084,11 +1086,15 @@ def write_pairs(args, path, ckpt, teacher, steps, matching, data, x, device):
     if teacher is not None:
         columns += [sample_field(teacher, rows, tuple(x.shape[1:]), device, k, None, args.seed, matching=matching,
                                  sources=sources[:rows]) for k in (1, steps or 100)]
-    columns += ([x[:rows]] if steps is None else []) + [targets[:rows].float() / 127.5 - 1]
+    if steps is None:  # the first draw is the .npz's; each further one takes the next seed
+        columns += [x[:rows]] + [sample_field(net, rows, tuple(x.shape[1:]), device, None, None, args.seed + k,
+                                              matching=matching, sources=sources[:rows]) for k in range(1, args.draws)]
+    columns += [targets[:rows].float() / 127.5 - 1]
     grid = os.path.splitext(args.out)[0] + ".png"
     pair_grid(columns, grid)
     print(f"grid, a held-out pair per row: source | " + ("teacher 1 step | teacher " + f"{steps or 100} steps | "
-          if teacher is not None else "") + ("one-step generator | " if steps is None else "") + f"target: {grid}")
+          if teacher is not None else "") + (f"one-step generator{f' ({args.draws} z)' if args.draws > 1 else ''} | "
+                                             if steps is None else "") + f"target: {grid}")
 
 
 def cmd_export(args):
@@ -1129,6 +1135,8 @@ def main(argv=None):
     s.add_argument("--steps", type=int, default=None,
                    help="sampler steps of a teacher (default 100); a generator always takes one")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--draws", type=int, default=1, help="paired images, a generator: one-step columns in the grid, "
+                                                        "each a z of its own (a wide conditional law shows)")
 
     x = sub.add_parser("export", help="one network's weights as .safetensors, for sharing: no pickle, "
                                       "readable wherever a checkpoint is")
