@@ -3444,14 +3444,15 @@ def test_eval_sample_on_pairs_writes_source_images_and_target_and_a_five_column_
     from PIL import Image
     with Image.open(tmp_path / "s.png") as im:  # 5 pairs in 2 blocks of 3 rows: 2 x 5 columns of 48-pixel images
         assert im.size == (10 * 48 + 11 * 3, 3 * 48 + 4 * 3), im.size
-    assert eval_py.main(["sample", str(tmp_path / "run"), "--n", "5", "--draws", "3", "--out", str(tmp_path / "d.npz")]) == 0
+    assert eval_py.main(["sample", str(tmp_path / "run"), "--n", "5", "--draws", "3",
+                         "--out", str(tmp_path / "d.npz")]) == 0
     with np.load(tmp_path / "s.npz") as a, np.load(tmp_path / "d.npz") as b:  # the first draw is the .npz's
         np.testing.assert_array_equal(a["images"], b["images"])
-    with Image.open(tmp_path / "d.png") as im:  # two more one-step columns, each its own z
+    with Image.open(tmp_path / "s.png") as one, Image.open(tmp_path / "d.png") as im:  # two more one-step columns
         assert im.size == (14 * 48 + 15 * 3, 3 * 48 + 4 * 3), im.size
-        cell = lambda col: np.asarray(im.convert("L"))[3:51, 3 + col * 51:51 + col * 51]
-        assert (cell(3) == np.asarray(Image.open(tmp_path / "s.png").convert("L"))[3:51, 156:204]).all()
-        assert (cell(3) != cell(4)).any() and (cell(4) != cell(5)).any()
+        cell = lambda png, col: np.asarray(png.convert("L"))[3:51, 3 + col * 51:51 + col * 51]  # row 0, 48 pixels
+        assert (cell(im, 3) == cell(one, 3)).all()
+        assert (cell(im, 3) != cell(im, 4)).any() and (cell(im, 4) != cell(im, 5)).any()  # each its own z
 
 
 @pytest.mark.slow
@@ -3468,7 +3469,7 @@ def test_a_short_bridge_distillation_on_a_wide_law_sharpens_the_conditional_mean
     last = RT.latest_checkpoint(str(tmp_path / "d"))
     nets = {"start": teacher, "generator": R.load_field(last, "generator")[0],
             "0.95": R.load_field(last, "generator", 0.95)[0]}
-    sources = data.src_test[torch.arange(2000) % len(data.src_test)]
+    sources = RT.cycled(data.src_test, 2000)
     kw = dict(n=len(sources), shape=data.shape(), device=torch.device("cpu"),
               matching=R.matching_model(ckpt["matching"]), sources=sources)
     x = {name: R.sample_field(net, **kw) for name, net in nets.items()}  # the same z and sources
@@ -3477,7 +3478,7 @@ def test_a_short_bridge_distillation_on_a_wide_law_sharpens_the_conditional_mean
     scores = {name: fid.of_images(v) for name, v in x.items()}
     assert scores["generator"] < scores["start"] / 2 and scores["0.95"] < scores["start"] / 2, scores
     rms = lambda a, b: float((a - b).pow(2).mean().sqrt())
-    target = data.x_test[torch.arange(len(sources)) % len(data.x_test)].float() / 127.5 - 1
+    target = RT.cycled(data.x_test, len(sources)).float() / 127.5 - 1
     assert rms(x["generator"], x["start"]) > 0.5 * rms(x["start"], target)
     results = json.load(open(tmp_path / "d" / "results.json"))
     one_step = results["teacher, 1 step"]["psnr"]
