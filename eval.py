@@ -1026,6 +1026,9 @@ def cmd_sample(args):
     paired = matching.coupled and info.get("kind") == "image"
     if paired and not args.out.endswith(".npz"):
         raise UsageError(f"paired images are written as one .npz of source, images and target: pass --out FILE.npz")
+    if args.draws > 1 and not (paired and steps is None):
+        raise UsageError(f"--draws adds one-step columns to a generator's grid of paired images; {path} is "
+                         f"{'a teacher' if steps is not None else 'not of paired images'}")
     device = resolve_device(args.device)
     sources, data = None, None
     if matching.coupled:  # the held-out sources x_T of the data set it was trained on, cycled

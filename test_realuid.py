@@ -3444,6 +3444,9 @@ def test_eval_sample_on_pairs_writes_source_images_and_target_and_a_five_column_
     from PIL import Image
     with Image.open(tmp_path / "s.png") as im:  # 5 pairs in 2 blocks of 3 rows: 2 x 5 columns of 48-pixel images
         assert im.size == (10 * 48 + 11 * 3, 3 * 48 + 4 * 3), im.size
+    rc, err = cli(eval_py.main, ["sample", str(tmp_path / "t" / "teacher.pt"), "--n", "5", "--draws", "3",
+                                 "--out", str(tmp_path / "d.npz")], capsys)
+    assert rc == 2 and "is a teacher" in err and not (tmp_path / "d.npz").exists(), err  # one z per draw there
     assert eval_py.main(["sample", str(tmp_path / "run"), "--n", "5", "--draws", "3",
                          "--out", str(tmp_path / "d.npz")]) == 0
     with np.load(tmp_path / "s.npz") as a, np.load(tmp_path / "d.npz") as b:  # the first draw is the .npz's
@@ -3479,7 +3482,8 @@ def test_a_short_bridge_distillation_on_a_wide_law_sharpens_the_conditional_mean
     assert scores["generator"] < scores["start"] / 2 and scores["0.95"] < scores["start"] / 2, scores
     rms = lambda a, b: float((a - b).pow(2).mean().sqrt())
     target = RT.cycled(data.x_test, len(sources)).float() / 127.5 - 1
-    assert rms(x["generator"], x["start"]) > 0.5 * rms(x["start"], target)
+    assert rms(x["generator"], x["start"]) > 0.5 * rms(x["start"], target), (rms(x["generator"], x["start"]),
+                                                                            rms(x["start"], target))
     results = json.load(open(tmp_path / "d" / "results.json"))
     one_step = results["teacher, 1 step"]["psnr"]
     assert one_step - 4 < results["RealUID generator, 1 step"]["psnr"] < one_step, results  # a draw, not noise
