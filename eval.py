@@ -1064,6 +1064,12 @@ def cmd_sample(args):
               + (" as (x_T, x1) rows, x_T the held-out sources" if sources is not None else ""))
 
 
+def z_spread(a, b):
+    """The per-pixel standard deviation of a conditional law, from its outputs a, b for the same sources and
+    two independent z: E (a - b)^2 = 2 Var."""
+    return float((a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).mean().sqrt()) / math.sqrt(2)
+
+
 def write_pairs(args, path, ckpt, net, steps, matching, data, x, device):
     """eval.py sample on paired images: uint8 source, images (the outputs) and target (the held-out ground truth)
     in one .npz, their scores, and a grid of source | teacher 1 step | teacher N steps | generator (--draws z
@@ -1077,6 +1083,11 @@ def write_pairs(args, path, ckpt, net, steps, matching, data, x, device):
     print(f"wrote {args.n} outputs ({'one-step generator' if steps is None else f'teacher, {steps} sampler steps'}) "
           f"of the held-out sources with their targets to {args.out}: "
           + ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()))
+    if args.draws > 1:  # how wide the generator's conditional law is: a conditional mean's spread is 0
+        other = sample_field(net, args.n, tuple(x.shape[1:]), device, None, None, args.seed + 1, matching=matching,
+                             sources=sources)
+        print(f"spread between draws of z: {z_spread(x, other):.4f} (per-pixel RMS difference of the outputs for "
+              f"two z over sqrt 2, in [-1, 1] units: the conditional law's per-pixel standard deviation)")
     rows = min(args.n, args.grid, 16)
     teacher = net if steps is not None else None
     if teacher is None:  # a generator: its run's teacher gives the grid's teacher columns
@@ -1139,7 +1150,8 @@ def main(argv=None):
                    help="sampler steps of a teacher (default 100); a generator always takes one")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draws", type=int, default=1, help="paired images, a generator: one-step columns in the grid, "
-                                                        "each a z of its own (a wide conditional law shows)")
+                                                        "each a z of its own (a wide conditional law shows), and the spread between two "
+                                                        "draws printed")
 
     x = sub.add_parser("export", help="one network's weights as .safetensors, for sharing: no pickle, "
                                       "readable wherever a checkpoint is")
