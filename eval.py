@@ -1150,8 +1150,8 @@ def main(argv=None):
                    help="sampler steps of a teacher (default 100); a generator always takes one")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draws", type=int, default=1, help="paired images, a generator: one-step columns in the grid, "
-                                                        "each a z of its own (a wide conditional law shows), and the spread between two "
-                                                        "draws printed")
+                                                        "each a z of its own (a wide conditional law shows), and the "
+                                                        "spread between two draws printed")
 
     x = sub.add_parser("export", help="one network's weights as .safetensors, for sharing: no pickle, "
                                       "readable wherever a checkpoint is")

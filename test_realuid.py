@@ -3455,7 +3455,7 @@ def test_eval_sample_on_pairs_writes_source_images_and_target_and_a_five_column_
     printed = float(re.search(r"spread between draws of z: ([0-9.]+)", capsys.readouterr().out).group(1))
     net, ckpt = R.load_field(RT.latest_checkpoint(str(tmp_path / "run")), "checkpoint")
     a, b = (R.sample_field(net, 5, (1, 16, 16), torch.device("cpu"), None, None, seed, sources=data.src_test[:5],
-                                 matching=R.matching_model(RT.stored_matching(ckpt))).clamp(-1, 1) for seed in (0, 1))
+                           matching=R.matching_model(RT.stored_matching(ckpt))).clamp(-1, 1) for seed in (0, 1))
     assert printed == pytest.approx(float((a - b).pow(2).mean() / 2) ** 0.5, rel=1e-3, abs=1e-4) and printed > 1e-3
     with np.load(tmp_path / "s.npz") as a, np.load(tmp_path / "d.npz") as b:  # the first draw is the .npz's
         np.testing.assert_array_equal(a["images"], b["images"])
