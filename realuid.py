@@ -616,18 +616,21 @@ class Interpolant(MatchingModel):
     bridge (Brownian bridge matching, eq. 39): gamma_t = sigma sqrt(t (1 - t)); target the bridge's drift
         (x1 - x_t) / (1 - t) weighted by 1 - t, or (param "scaled") times sqrt(1 - t), unweighted: the same loss,
         the output at unit scale near t = 1; sampled by Euler-Maruyama of dx = v dt + sigma dW.
-    The one-step generator G(z, x_T) = x0 + g(0, x0, x_T) is the teacher's first Euler step (IBMD's form).
-    noise holds (x0, eps) stacked on dim 1."""
+    G(z, x_T) = x + (1 - t_g) g(t_g, x, x_T), x = x_T + (source_noise + gamma_t_g) z: the teacher's Euler step
+    from t_g (t_g = 0: its first step, IBMD's form, hardly moved by z). noise holds (x0, eps) stacked on dim 1."""
     coupled = True
 
-    def __init__(self, type="si", sigma=0.5, source_noise=0.1, t_max=0.99, param="drift"):
+    def __init__(self, type="si", sigma=0.5, source_noise=0.1, t_max=0.99, param="drift", t_g=0.0):
         if type not in ("si", "bridge") or param not in ("drift", "scaled") or (type, param) == ("si", "scaled"):
             raise ValueError(f"unknown interpolant {type!r} with param {param!r}")
+        if not 0 <= t_g < t_max:
+            raise ValueError(f"--t-init must lie in [0, {t_max}) (got {t_g})")
         self.type, self.sigma, self.source_noise, self.t_max, self.param = type, sigma, source_noise, t_max, param
+        self.t_g = t_g
 
-    def spec(self):  # a spec without param, as the files saved before it, is the drift's
+    def spec(self):  # a spec without param or t_g, as the files saved before them, is the drift's at t_g = 0
         return dict(type=self.type, sigma=self.sigma, source_noise=self.source_noise, t_max=self.t_max) | (
-            dict(param=self.param) if self.param != "drift" else {})
+            dict(param=self.param) if self.param != "drift" else {}) | (dict(t_g=self.t_g) if self.t_g else {})
 
     def noise(self, x1, y):
         return torch.stack([y + self.source_noise * torch.randn_like(x1), torch.randn_like(x1)], 1)
@@ -656,9 +659,10 @@ class Interpolant(MatchingModel):
         drift = x1 - x0 - self.sigma * (t / (1 - t)).sqrt() * eps  # (x1 - x_t) / (1 - t)
         return drift * (1 - t).sqrt() if self.param == "scaled" else drift
 
-    def one_step(self, g, z, y):
-        x0 = y + self.source_noise * z
-        return x0 + g(torch.zeros(z.shape[0], device=z.device, dtype=z.dtype), x0, y)
+    def one_step(self, g, z, y):  # the path's noise at t_g makes the teacher's step choose by z from the start
+        x, t = y + (self.source_noise + self.gamma(torch.tensor(self.t_g)).item()) * z, self.t_g
+        drift = g(torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype), x, y)
+        return x + (1 - t) * (drift / math.sqrt(1 - t) if self.param == "scaled" else drift)
 
     @torch.no_grad()
     def sample(self, field, z, steps, y, sde=True, gen=None):
@@ -1122,7 +1126,7 @@ def teacher_matching(cfg, ckpt, data, path):
     """The distillation's matching model: the teacher file's family with SiD's generator noise level and the top
     band where they apply (runtime.distill_matching_spec, which refuses a family the data or the loss cannot use)."""
     with refusing():
-        return matching_model(distill_matching_spec(cfg, ckpt, data, path, SIGMA_INIT, HIGH_NOISE))
+        return matching_model(distill_matching_spec(cfg, ckpt, data, path, SIGMA_INIT, HIGH_NOISE, T_INIT))
 
 
 # =============================================================================
@@ -1137,6 +1141,7 @@ class Config(Method, DistillFlags):
                                   "diffusion and low-dim flow matching (images: the paper's z + g(0, z))", type=float)
     high_noise: float = opt(None, "fm, vp, ve: the share of noise levels from [sigma_init / 5, sigma_init], where the "
                                   "modes' masses settle (else SiD's law); default 0.5 on 2D, 0 on images", type=float)
+    t_init: float = opt(None, "si, bridge: G's time t_g (the teacher's step from it); 2D pairs 0.2, else 0", type=float)
     batch_size: int = opt(256, "batch size (generated and real halves each)")
     fake_init: str = opt("random", "the fake model's start: random or the teacher", choices=("random", "teacher"))
     init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
@@ -1161,8 +1166,10 @@ RECIPES = dict(
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0, regress=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
 HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
+T_INIT = 0.2  # 2D pairs: at t_g = 0 the first updates pile every z onto one neighbour (matching-models.md)
 FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f in fields(Method)] + [
-    "batch_size", "sigma_init", "high_noise", "fake_init", "init_generator", "init_ema", "regress", "regress_lr"]),
+    "batch_size", "sigma_init", "high_noise", "t_init", "fake_init", "init_generator", "init_ema", "regress",
+    "regress_lr"]),
     ("the teacher", TEACHER_FLAGS), ("data", DATA_FLAGS), ("model selection and the closing scores", SELECTION_FLAGS))
 
 

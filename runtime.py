@@ -401,6 +401,9 @@ def distill_config(cls, user, recipes, finetune, check_coefficients):
     check_loss_flags(cfg)
     if cfg.regress and data.coupled:
         raise UsageError("--regress needs noise-to-data (fm, vp, ve); paired data start from their sources")
+    if cfg.t_init is not None and not (data.coupled and 0 <= cfg.t_init < 1):
+        raise UsageError(f"--t-init must lie in [0, 1) (got {cfg.t_init})" if data.coupled else
+                         "--t-init is the time of si's and bridge's generator, on paired data; use --sigma-init")
     return resume, cfg, data
 
 
@@ -908,11 +911,12 @@ def stored_matching(ckpt):
     return spec
 
 
-def distill_matching_spec(cfg, ckpt, data, path, sigma_init, high_noise):
+def distill_matching_spec(cfg, ckpt, data, path, sigma_init, high_noise, t_init):
     """realuid.py's matching-model spec: the teacher file's (none, as in torchcfm's and the official files: flow
     matching), with the generator's noise level (--sigma-init, default sigma_init) and the share of the top band
     (--high-noise, default high_noise on low-dim data, 0 on images) for diffusion, and for flow matching on low-dim
-    data or given --sigma-init."""
+    data or given --sigma-init; for si and bridge the generator's time (--t-init, default t_init on low-dim data,
+    0 on images)."""
     spec = stored_matching(ckpt)
     kind, coupled = spec["type"], spec["type"] in ("si", "bridge")
     if cfg.model and cfg.model != kind:
@@ -922,6 +926,8 @@ def distill_matching_spec(cfg, ckpt, data, path, sigma_init, high_noise):
                          f"{cfg.dataset} {'is' if data.coupled else 'is not'} paired")
     if cfg.dmd and coupled:
         raise UsageError(f"--dmd needs a score, which {kind} does not define; use fm, vp or ve")
+    if coupled:
+        spec["t_g"] = cfg.t_init if cfg.t_init is not None else t_init if data.kind == "lowdim" else 0.0
     given = cfg.sigma_init is not None
     if spec["type"] in ("vp", "ve") or (spec["type"] == "fm" and (given or data.kind == "lowdim")):
         spec["sigma_init"] = cfg.sigma_init if given else sigma_init

@@ -926,17 +926,18 @@ def test_distillation_on_2d_beats_the_teachers_one_step(toy_run):
 @pytest.mark.slow
 def test_a_2d_distillation_keeps_precision_and_recall_near_its_teachers(toy_run):
     # k-NN precision and recall (k = 5) see what W2 does not: a dropped mode costs recall 1/8, filaments between
-    # modes cost precision. Measured on this run (1500 updates, 600 points), seeds 0, 1, 2 since the regression
-    # draws its own z: the best net's precision 0.028, 0.020, 0.027 and recall 0.027, 0.024, 0.017 below the
-    # teacher's (before, on the score's z: 0.021 and 0.010). Each regression of the recipe fails it (measured
-    # before): without the regression start (--regress 0) 0.916 / 0.965 against 0.964 / 0.984; the regression and
-    # G at 3e-4 0.925 / 0.973; a teacher without Fourier features 0.932 / 0.957 against its own 0.946 / 0.990
-    # (docs/fine-detail.md)
+    # modes cost precision. Taken as the mean over the run's nets (the generator and its 3 EMAs), which trade one
+    # for the other: the net of lowest W2 is a random pick among them (W2's 4 draws spread 0.14, the nets 0.01
+    # apart), and on 4 seeds its precision fell 0.015 to 0.037 below the teacher's and its recall 0.004 to 0.042.
+    # The mean's shortfall on seeds 0 to 5 (fp32, CPUs without AMX, CI's numbers): see docs/tests.md. Broken on
+    # purpose, every distillation draw in the top band (--high-noise 1): precision 0.053 below; without the
+    # regression start (--regress 0): 0.117
     results = json.load(open(toy_run / "results.json"))
     teacher = results["teacher, 100 steps"]
-    best = min((v for k, v in results.items() if k.startswith("RealUID")), key=lambda v: v["w2"])
-    assert best["precision"] >= teacher["precision"] - 0.03, results
-    assert best["recall"] >= teacher["recall"] - 0.03, results
+    nets = [v for k, v in results.items() if k.startswith("RealUID")]
+    assert len(nets) == 4
+    for what in ("precision", "recall"):
+        assert teacher[what] - np.mean([v[what] for v in nets]) <= 0.04, (what, results)
     assert results["real training points"]["precision"] > teacher["precision"] > 0.9, results  # the floor's row
 
 
@@ -1147,7 +1148,9 @@ def test_refusals_raised_in_another_module_are_one_line_as_scripts_too(tmp_path,
              "c": (["realuid.py", "--dataset", "digits", "--teacher", digits_features, "--steps", "2", "--fid-every",
                     "1", "--fid-ref", str(tmp_path / "missing.npz")], ["missing.npz"]),
              "d": (["teacher.py", "--model", "si", "--steps", "2"], ["data-to-data pairs"]),
-             "e": (["eval.py", "sample", str(tmp_path / "nowhere.pt"), "--n", "2"], ["nowhere.pt does not exist"])}
+             "e": (["eval.py", "sample", str(tmp_path / "nowhere.pt"), "--n", "2"], ["nowhere.pt does not exist"]),
+             "f": (["realuid.py", "--t-init", "0.2", "--steps", "2"], ["si's and bridge's generator"]),
+             "g": (["realuid.py", "--model", "bridge", "--dataset", "pairs", "--t-init", "1"], ["[0, 1)"])}
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
         errors = dict(zip(cases, pool.map(lambda k: refused_as_a_script(tmp_path / k, *cases[k][0]), cases)))
     for key, (_, expected) in cases.items():
@@ -2252,6 +2255,22 @@ def test_interpolant_target_minimiser_and_sampler_are_the_closed_forms(kind):
     assert abs(x.mean() - mu) < 0.02 and abs(x.std() - v ** 0.5) < 0.02, (x.mean(), x.std())
     one = m.one_step(lambda t, x, y: closed(t, x), z, torch.full_like(z, x_T))  # the first Euler step
     torch.testing.assert_close(one, x_T + 0.3 * z + closed(torch.zeros(1), x_T + 0.3 * z))
+    # From t_g: the Euler step from x = x_T + (source noise + gamma_t_g) z, the spec keeping t_g. The bridge's is the
+    # conditional mean E[x1 | x_t_g = x], which here moves with z at t_g = 0.3 and not at all at t_g = 0 (x0 and x1
+    # independent): why a short run from t_g = 0 piles every z onto one mode
+    for t_g in (0.0, 0.3):
+        m_g = R.matching_model(m.spec() | dict(t_g=t_g))
+        assert m_g.spec()["t_g" if t_g else "type"] == (t_g or kind)
+        gamma = float(m.gamma(torch.tensor(t_g)))
+        x = x_T + (0.3 + gamma) * z
+        step = closed(torch.tensor([t_g]), x) / ((1 - t_g) ** 0.5 if scaled else 1)
+        one = m_g.one_step(lambda t, x, y: closed(t, x), z, torch.full_like(z, x_T))
+        torch.testing.assert_close(one, x + (1 - t_g) * step)
+        if kind == "bridge":
+            slope = t_g * 0.25 / ((1 - t_g) ** 2 * 0.09 + t_g ** 2 * 0.25 + gamma ** 2)  # of x1_hat in x
+            assert abs(float(one.std()) - slope * (0.3 + gamma)) < 0.01 and (t_g == 0) == (one.std() < 1e-6)
+    with pytest.raises(ValueError, match="t-init"):
+        R.Interpolant(kind, t_g=0.99)
 
 
 def test_the_scaled_bridge_has_the_drifts_loss_and_is_the_default_on_images(tmp_path):
@@ -2362,12 +2381,13 @@ def test_every_family_distills_to_a_one_step_generator_far_better_than_the_teach
     ckpt = torch.load(RT.latest_checkpoint(str(out)), weights_only=True)
     assert ckpt["matching"]["type"] == model
     # The teacher's single step lands between modes: diffusion near the mean (far off the data), pairs on the
-    # conditional mean between the two neighbouring modes (W2 of the joint points only a little worse, so the
-    # telling number there is the fraction paired to a neighbour, about 1 % for the teacher's step).
+    # conditional mean between the two neighbouring modes (about 1 % of its points paired to a neighbour).
     coupled = model in ("si", "bridge")
-    assert min(v["w2"] for v in generators) < (1.0 if coupled else 0.6) * results["teacher, 1 step"]["w2"], results
+    assert min(v["w2"] for v in generators) < 0.6 * results["teacher, 1 step"]["w2"], results
     what = "paired" if coupled else "in_mode"
     assert max(v[what] for v in generators) > results["teacher, 1 step"][what] + 0.3, results
+    if coupled:  # G from t_g = 0.2 (--t-init): from t_g = 0 the bridge's nets held 6 or 7 of the 8 modes on 4 seeds
+        assert min(v["modes"] for v in generators) == 8, results  # of 4 (W2 1.02x to 1.08x the single step's on 3)
 
 
 @pytest.fixture(scope="module")
@@ -2623,6 +2643,19 @@ def test_the_top_band_is_the_default_on_low_dim_data_wherever_the_generator_star
                        "high")
     with pytest.raises(RT.UsageError, match="applies to fm, vp and ve"):
         R.teacher_matching(R.Config(dataset="pairs", high_noise=0.5), dict(matching=dict(type="bridge")), pairs, "t")
+
+
+def test_the_paired_generators_time_is_t_init_on_2d_pairs_and_0_on_images():
+    data = {d: RT.load_data(RT.make_config(R.Config, dict(dataset=d))) for d in ("pairs", "digits-sr")}
+    for dataset, flags, t_g in (("pairs", {}, R.T_INIT), ("pairs", dict(t_init=0.5), 0.5), ("digits-sr", {}, 0.0)):
+        for kind in ("si", "bridge"):
+            m = R.teacher_matching(RT.make_config(R.Config, dict(dataset=dataset) | flags),
+                                   dict(matching=dict(type=kind)), data[dataset], "t.pt")
+            assert m.t_g == t_g and R.matching_model(m.spec()).t_g == t_g
+    assert R.T_INIT == 0.2
+    with pytest.raises(RT.UsageError, match="t-init"):  # beyond the teacher's last time
+        R.teacher_matching(RT.make_config(R.Config, dict(dataset="pairs", t_init=0.995)),
+                           dict(matching=dict(type="bridge")), data["pairs"], "t.pt")
 
 
 @pytest.mark.parametrize("param", ["eps", "score", "edm"])
