@@ -626,7 +626,7 @@ class Interpolant(MatchingModel):
         if not 0 <= t_g < t_max:
             raise ValueError(f"--t-init must lie in [0, {t_max}) (got {t_g})")
         self.type, self.sigma, self.source_noise, self.t_max, self.param = type, sigma, source_noise, t_max, param
-        self.t_g = t_g
+        self.t_g, self.z_scale = t_g, source_noise + float(self.gamma(torch.tensor(t_g)))  # G's input noise
 
     def spec(self):  # a spec without param or t_g, as the files saved before them, is the drift's at t_g = 0
         return dict(type=self.type, sigma=self.sigma, source_noise=self.source_noise, t_max=self.t_max) | (
@@ -660,7 +660,7 @@ class Interpolant(MatchingModel):
         return drift * (1 - t).sqrt() if self.param == "scaled" else drift
 
     def one_step(self, g, z, y):  # the path's noise at t_g makes the teacher's step choose by z from the start
-        x, t = y + (self.source_noise + self.gamma(torch.tensor(self.t_g)).item()) * z, self.t_g
+        x, t = y + self.z_scale * z, self.t_g
         drift = g(torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype), x, y)
         return x + (1 - t) * (drift / math.sqrt(1 - t) if self.param == "scaled" else drift)
 
