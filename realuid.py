@@ -179,11 +179,9 @@ class EmbedSequential(nn.Sequential):
 
 class UNet(nn.Module):
     """torchcfm's UNetModelWrapper, same parameter names and shapes (tested against it).
-
     attention_resolutions are feature-map sizes (torchcfm's "16"); a head width
     num_head_channels > 0 overrides num_heads, as in torchcfm. cond_channels > 0: image-to-image, y is the source
-    image x_T, concatenated to the input's channels as image bridges do (torchcfm has no such input).
-    """
+    image x_T, concatenated to the input's channels as image bridges do (torchcfm has no such input)."""
 
     def __init__(self, in_channels=3, image_size=32, channels=128, channel_mult=(1, 2, 2, 2),
                  num_res_blocks=2, attention_resolutions=(16,), num_heads=4, num_head_channels=64,
@@ -396,11 +394,9 @@ class MatchingModel:
 
 class FlowMatching(MatchingModel):
     """x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I); conditional target u_t(x_t | x1, x0) = x1 - x0 (eq. 2).
-
     The one-step generator is the teacher's denoiser x1_hat = x + (1 - t) f at the noise level sigma = (1 - t) / t =
     sigma_init, G(z) = x1_hat((1 - t_g) z) at t_g = 1 / (1 + sigma_init), and distillation sees only t >= t_g: SiD's
-    choices (see Diffusion), carried over. Without sigma_init t_g = 0: the paper's G(z) = z + g(0, z), t ~ U[0, 1].
-    """
+    choices (see Diffusion), carried over. Without sigma_init t_g = 0: the paper's G(z) = z + g(0, z), t ~ U[0, 1]."""
 
     def __init__(self, sigma_init=None, high=0.0):
         if sigma_init is not None and not 0 < sigma_init < math.inf:
@@ -451,7 +447,6 @@ class FlowMatching(MatchingModel):
 
 class Diffusion(MatchingModel):
     """Denoising score matching (eq. 1) on x_t = a_t x1 + s_t x0, x0 ~ N(0, I), as a UM instance.
-
     vp: a_t^2 = sigmoid(lam_t), s_t^2 = sigmoid(-lam_t), the log-SNR lam_t linear from -10 (t = 0) to 10.
     ve: a_t = 1, s_t = s_max^(1 - t) s_min^t.  Times are uniform, so the log-SNR is too; sigma = s / a.
     Three parameterisations of the network f, each read as a denoiser x1_hat = denoise(f, x, t):
@@ -470,8 +465,7 @@ class Diffusion(MatchingModel):
     (t >= t_g); the generator loss (but v's) is read in the denoiser's units and divided per sample by the
     teacher's mean absolute denoising error of that sample (SiD's normalisation). clip (images: 1, their range):
     the sampler clamps x1_hat to [-clip, clip], DDPM's clip_sample (eps's x1_hat multiplies f's error by s / a).
-    weighting "sigma" (images' eps): the eps loss times max(1, s / a), x1_hat's error over sigma below SNR 1.
-    """
+    weighting "sigma" (images' eps): the eps loss times max(1, s / a), x1_hat's error over sigma below SNR 1."""
     P_MEAN, P_STD = -0.5, 1.2
 
     def __init__(self, type="vp", param="eps", sigma_init=2.5, lam=(-10.0, 10.0), sigma=(80.0, 0.002), high=0.0,
@@ -690,11 +684,9 @@ def matching_model(spec=None):
 
 def check_coefficients(alpha, beta, gamma=None):
     """RealUM needs alpha, beta in (0, 1]; at alpha = 1 the real term vanishes, so beta = 1.
-
     General RealUID (A.2) maximises, at each x, -(gamma p_theta + (1 - gamma) p*) |d|^2 + linear(d): bounded
     only if both quadratic weights are positive, gamma in (0, 1); gamma = 1 leaves no quadratic term on
-    real data, which is safe only when its linear term vanishes too (alpha = beta = 1).
-    """
+    real data, which is safe only when its linear term vanishes too (alpha = beta = 1)."""
     if gamma is not None:
         if not (0 < alpha <= 1 and 0 < beta <= 1 and (0 < gamma < 1 or gamma == alpha == beta == 1)):
             raise ValueError(f"General RealUID needs alpha, beta in (0, 1] and gamma in (0, 1) (gamma = 1 only "
@@ -805,27 +797,37 @@ class OneStepGenerator(nn.Module):
         return self.matching.one_step(self.g, z, y)
 
 
+def regression_pairs(matching, teacher, shape, updates, batch_size, device, num_classes=None, seed=0):
+    """(z, y, x): the teacher's 100-step samples x from z (y: class labels or None), and the generator that drew z.
+    50 batches, or one per 10 updates when fewer (sampling them costs 100 updates' worth each)."""
+    gen = torch.Generator().manual_seed(1_000_003 + seed)  # z no score draws (seeds 0, 1, ...): G memorises them
+    z = torch.randn(min(50, max(1, -(-updates // 10))) * batch_size, *shape, generator=gen).to(device)
+    y = torch.randint(num_classes, (len(z),), generator=gen).to(device) if num_classes else None
+    x = torch.cat([matching.sample(teacher, z[i:i + batch_size], 100, None if y is None else y[i:i + batch_size])
+                   for i in range(0, len(z), batch_size)])
+    return (z, y, x), gen
+
+
+def regression_loss(generator, pairs, i):  # DMD's regression loss on the pairs i
+    z, y, x = pairs
+    return sqnorm(generator(z[i], None if y is None else y[i]) - x[i]).mean()
+
+
 def regression_start(generator, teacher, shape, updates, batch_size, lr, device, num_classes=None, seed=0):
     """G's start: regressed onto the teacher's 100-step samples from the same z, Adam on a cosine (Luhman & Luhman
-    2021; DMD's regression loss). From u*'s one-step form distillation folds G onto separate modes too slowly and
-    leaves points strung between them; this gives G the teacher's fold. The pairs: 50 batches, or one per 10
-    updates when fewer (sampling them costs 100 updates' worth each; more pairs did not help: fine-detail.md)."""
-    gen = torch.Generator().manual_seed(1_000_003 + seed)  # z no score draws (seeds 0, 1, ...): G memorises them
-    z = torch.randn(min(50, -(-updates // 10)) * batch_size, *shape, generator=gen).to(device)
-    y = torch.randint(num_classes, (len(z),), generator=gen).to(device) if num_classes else None
-    label = (lambda i: None) if y is None else (lambda i: y[i])
-    x = torch.cat([generator.matching.sample(teacher, z[i:i + batch_size], 100, label(slice(i, i + batch_size)))
-                   for i in range(0, len(z), batch_size)])
+    2021). From u*'s one-step form distillation folds G onto separate modes too slowly and leaves points strung
+    between them; this gives G the teacher's fold (more pairs did not help on 2D: fine-detail.md). Returns the
+    last loss and the pairs, which --regress-weight keeps as an anchor through distillation."""
+    pairs, gen = regression_pairs(generator.matching, teacher, shape, updates, batch_size, device, num_classes, seed)
     optimiser = torch.optim.Adam(generator.parameters(), lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, updates)
     for _ in range(updates):
-        i = torch.randint(len(z), (batch_size,), generator=gen).to(device)
-        loss = sqnorm(generator(z[i], label(i)) - x[i]).mean()
+        loss = regression_loss(generator, pairs, torch.randint(len(pairs[0]), (batch_size,), generator=gen).to(device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         sched.step()
-    return float(loss.detach())
+    return float(loss.detach()), pairs
 
 
 def ema_decay(decay, n, rampup=0.0):
@@ -874,11 +876,9 @@ def noise_and_time(m, x1, y=None, draw=draw_all, distill=False):
 
 class RealUID:
     """Teacher u*, fake field u_psi, generator G_theta, their optimisers and EMAs.
-
     Two hooks keep the steps Algorithm 1 and nothing else: draw(fn, *xs) draws per-sample randomness (under
     torchrun: this rank's rows of the global batch's draws, runtime.Ranks.draw) and apply(i, optimiser, params,
-    loss, grad_clip, update) -> gradient norm steps network i (clip_and_step, or runtime.Guard).
-    """
+    loss, grad_clip, update) -> gradient norm steps network i (clip_and_step, or runtime.Guard)."""
 
     def __init__(self, cfg, teacher, fake, g, matching=None, fake_spec=None, bf16=False, draw=draw_all,
                  apply=clip_and_step):
@@ -900,7 +900,7 @@ class RealUID:
         self.sched_fake = torch.optim.lr_scheduler.LambdaLR(
             self.opt_fake, warmup_schedule(cfg.warmup, cfg.steps - gen_updates if gen_updates else 0))
         self.sched_gen = torch.optim.lr_scheduler.LambdaLR(self.opt_gen, warmup_schedule(cfg.warmup, gen_updates))
-        self.step = 0
+        self.step, self.pairs, self.regress_weight = 0, None, 0.0  # the anchor's (z, y, x) and weight, if any
 
     def _run(self, fn, *args):  # a network's output, in bf16 autocast where asked; the loss algebra stays fp32
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
@@ -984,6 +984,9 @@ class RealUID:
             else:
                 loss = realuid_generator_loss(f_star, f, u_gen, cfg.alpha, cfg.beta)
             loss = self._mean(loss, m.generator_weight(t, x_t, x_gen, f_star))
+            if self.regress_weight:  # the start's pairs hold each z to the teacher's sample (DMD's regression loss)
+                i = self.draw(lambda x: torch.randint(len(self.pairs[0]), (len(x),), device=x.device), x_gen)
+                loss = loss + self.regress_weight * regression_loss(self.generator, self.pairs, i)
             if cfg.gan:
                 loss = loss + cfg.lambda_gen * gan_generator_loss(self._gan_logits(x0, x_gen, y)).mean()
             grad_norm = self._descend(1, self.opt_gen, self.sched_gen, list(self.generator.parameters()), loss)
@@ -1033,8 +1036,7 @@ def generate(net, n, shape, device, steps=None, num_classes=None, seed=0, batch_
     model's sampler (flow matching: Euler) with that many steps.
 
     No gradients, eval mode, noise from a generator seeded by `seed`; bf16 autocast for the network when asked.
-    progress: a tqdm description, or None for no bar. Coupled models take their sources x_T (n of them).
-    """
+    progress: a tqdm description, or None for no bar. Coupled models take their sources x_T (n of them)."""
     matching = matching or FlowMatching()
     from tqdm import tqdm
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -1089,8 +1091,7 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
     path and return the net. Under torchrun each rank takes its share of every batch and rank 0 writes.
 
     With state_path (teacher.py), the whole training state is saved there every cfg.save_every updates and when
-    SIGINT or SIGTERM arrives (which then raises runtime.Stopped); resume, such a file's contents, continues it.
-    """
+    SIGINT or SIGTERM arrives (which then raises runtime.Stopped); resume, such a file's contents, continues it."""
     ranks = ranks or Ranks()
     torch.manual_seed(cfg.seed)
     spec = default_field_spec(data, cfg)
@@ -1149,6 +1150,8 @@ class Config(Method, DistillFlags):
     regress: float = opt(0.0, "G's start: regression onto the teacher's 100-step samples for this share of --steps, "
                               "then the fake model from u* (0: u*'s one-step form; low-dim: 1/3)", type=float)
     regress_lr: float = opt(1e-3, "the regression's own lr (distillation after it takes --lr)")
+    regress_weight: float = opt(0.0, "the regression loss on the start's pairs, kept in G's loss at this weight "
+                                     "(DMD's; 0: the start only)")
 
 
 # The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a laptop CPU. A user's flag
@@ -1169,7 +1172,7 @@ HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top b
 T_INIT = 0.2  # 2D pairs: at t_g = 0 the first updates pile every z onto one neighbour (matching-models.md)
 FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f in fields(Method)] + [
     "batch_size", "sigma_init", "high_noise", "t_init", "fake_init", "init_generator", "init_ema", "regress",
-    "regress_lr"]),
+    "regress_lr", "regress_weight"]),
     ("the teacher", TEACHER_FLAGS), ("data", DATA_FLAGS), ("model selection and the closing scores", SELECTION_FLAGS))
 
 
@@ -1203,16 +1206,21 @@ def main(argv=None):
         place([teacher, fake, g], device, cfg.channels_last and spec["type"] == "unet", cfg.compile)
         if regress:  # before RealUID copies G into its EMAs
             say(f"realuid: G's start, {regress} updates of regression onto the teacher's 100-step samples")
-            loss = regression_start(OneStepGenerator(g, matching), teacher, tuple(data.shape()), regress,
-                                    cfg.batch_size, cfg.regress_lr, device, data.num_classes if cfg.cond else None,
-                                    cfg.seed)
+            loss, pairs = regression_start(OneStepGenerator(g, matching), teacher, tuple(data.shape()), regress,
+                                           cfg.batch_size, cfg.regress_lr, device,
+                                           data.num_classes if cfg.cond else None, cfg.seed)
             say(f"realuid: G's start regressed (mean squared error {loss:.4f})")
+        elif cfg.regress_weight:  # resumed: the same pairs drawn again
+            pairs = regression_pairs(matching, teacher, tuple(data.shape()), round(cfg.regress * cfg.steps),
+                                     cfg.batch_size, device, data.num_classes if cfg.cond else None, cfg.seed)[0]
         start = copy.deepcopy(g) if regress else None if resume is not None and cfg.regress else teacher  # resumed
         guard = Guard(ranks, ["fake model" + (" or discriminator" if cfg.gan else ""), "generator"], device)
         with refusing():  # the method's own checks (the GAN head's feature size)
             state = RealUID(cfg, teacher, fake, g, matching, spec, use_bf16(cfg.precision, device, spec),
                             ranks.draw, guard)
         state.start = start  # for the closing table
+        if cfg.regress_weight:
+            state.pairs, state.regress_weight = pairs, cfg.regress_weight
         meta = dict(data=data.info(cfg.dataset), field=spec, matching=matching.spec())
         scorer = None
         if cfg.fid_every:  # built before training, so that a missing download fails now, not after hours

@@ -1602,6 +1602,38 @@ def test_the_regressed_start_is_g_and_every_ema_and_the_fake_model_starts_from_t
     refused_as_a_script(tmp_path, "realuid.py", "--model", "si", "--dataset", "pairs", "--regress", "0.5")
 
 
+def test_the_regression_anchor_adds_dmds_regression_loss_to_gs_and_alone_pulls_g_to_its_pair():
+    # --regress-weight w: G's loss + w ||G(z) - x||^2 on the start's pairs (one pair here, so the term is exact).
+    # UID with the fake model at the teacher makes eq. 17 vanish: the anchor is then the whole gradient
+    loss, gap = {}, {}
+    for w in (0.0, 2.0):
+        state, _ = tiny_state(alpha=1.0, beta=1.0)
+        state.regress_weight = w
+        state.fake.load_state_dict(state.teacher.state_dict())
+        z, x = torch.randn(1, 2), torch.randn(1, 2)
+        state.pairs = (z, None, x)
+        with torch.no_grad():
+            before = R.sqnorm(state.generator(z) - x).item()
+        loss[w] = state.generator_step(None, (64, 2), torch.device("cpu"))[0].item()
+        with torch.no_grad():
+            gap[w] = (before, R.sqnorm(state.generator(z) - x).item())
+    assert loss[0.0] == 0 and loss[2.0] == pytest.approx(2 * gap[2.0][0], rel=1e-6)
+    assert gap[0.0][1] == gap[0.0][0] and gap[2.0][1] < gap[2.0][0], gap  # one Adam step at lr 2e-4
+
+
+def test_a_run_with_the_regression_anchor_resumes_exactly_and_refuses_it_without_pairs(tiny_run, tmp_path):
+    # a resumed run draws the start's pairs again: from the checkpoint at update 6 it ends where the run did
+    common = ["--teacher", str(tiny_run / "teacher.pt"), "--regress", "0.5", "--regress-weight", "1", "--steps",
+              "12", "--K", "2", "--save-every", "6", "--keep", "5", "--fid-every", "0", "--eval-samples", "200"]
+    assert R.main(common + ["--out", str(tmp_path / "one")]) == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    os.remove(tmp_path / "two" / "checkpoint-00000012.pt")
+    assert R.main(["--resume", str(tmp_path / "two")]) == 0
+    assert_same_weights(weights_of(tmp_path / "one"), weights_of(tmp_path / "two"))
+    refused_as_a_script(tmp_path, "realuid.py", "--regress-weight", "1", "--regress", "0")
+    refused_as_a_script(tmp_path / "neg", "realuid.py", "--regress-weight", "-1")
+
+
 def test_checkpoints_rotate_atomically(tmp_path, tiny_run):
     for step in (10, 20, 30, 40, 50):
         RT.save_rotating({"step": torch.tensor(step)}, str(tmp_path), step, keep=3)
