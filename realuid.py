@@ -1150,8 +1150,7 @@ class Config(Method, DistillFlags):
     regress: float = opt(0.0, "G's start: regression onto the teacher's 100-step samples for this share of --steps, "
                               "then the fake model from u* (0: u*'s one-step form; low-dim: 1/3)", type=float)
     regress_lr: float = opt(1e-3, "the regression's own lr (distillation after it takes --lr)")
-    regress_weight: float = opt(0.0, "the regression loss on the start's pairs, kept in G's loss at this weight "
-                                     "(DMD's; 0: the start only)")
+    regress_weight: float = opt(0.0, "DMD's regression loss on the start's pairs, kept in G's loss at this weight")
 
 
 # The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a laptop CPU. A user's flag
@@ -1218,9 +1217,8 @@ def main(argv=None):
         with refusing():  # the method's own checks (the GAN head's feature size)
             state = RealUID(cfg, teacher, fake, g, matching, spec, use_bf16(cfg.precision, device, spec),
                             ranks.draw, guard)
-        state.start = start  # for the closing table
-        if cfg.regress_weight:
-            state.pairs, state.regress_weight = pairs, cfg.regress_weight
+        state.start, state.regress_weight = start, cfg.regress_weight  # the closing table's; the anchor's
+        state.pairs = pairs if cfg.regress_weight else None
         meta = dict(data=data.info(cfg.dataset), field=spec, matching=matching.spec())
         scorer = None
         if cfg.fid_every:  # built before training, so that a missing download fails now, not after hours
