@@ -986,7 +986,8 @@ class RealUID:
             loss = self._mean(loss, m.generator_weight(t, x_t, x_gen, f_star))
             if self.regress_weight:  # the start's pairs hold each z to the teacher's sample (DMD's regression loss)
                 i = self.draw(lambda x: torch.randint(len(self.pairs[0]), (len(x),), device=x.device), x_gen)
-                loss = loss + self.regress_weight * regression_loss(self.generator, self.pairs, i)
+                loss = loss + self.regress_weight * regression_loss(
+                    lambda *zy: self._run(self.generator, *zy), self.pairs, i)  # in x_gen's arithmetic
             if cfg.gan:
                 loss = loss + cfg.lambda_gen * gan_generator_loss(self._gan_logits(x0, x_gen, y)).mean()
             grad_norm = self._descend(1, self.opt_gen, self.sched_gen, list(self.generator.parameters()), loss)
