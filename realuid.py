@@ -797,11 +797,11 @@ class OneStepGenerator(nn.Module):
         return self.matching.one_step(self.g, z, y)
 
 
-def regression_pairs(matching, teacher, shape, updates, batch_size, device, num_classes=None, seed=0):
+def regression_pairs(matching, teacher, shape, updates, batch_size, device, num_classes=None, seed=0, n=0):
     """(z, y, x): the teacher's 100-step samples x from z (y: class labels or None), and the generator that drew z.
-    50 batches, or one per 10 updates when fewer (sampling them costs 100 updates' worth each)."""
+    n pairs, or 50 batches, one per 10 updates when fewer (sampling them costs 100 updates' worth each)."""
     gen = torch.Generator().manual_seed(1_000_003 + seed)  # z no score draws (seeds 0, 1, ...): G memorises them
-    z = torch.randn(min(50, max(1, -(-updates // 10))) * batch_size, *shape, generator=gen).to(device)
+    z = torch.randn(n or min(50, max(1, -(-updates // 10))) * batch_size, *shape, generator=gen).to(device)
     y = torch.randint(num_classes, (len(z),), generator=gen).to(device) if num_classes else None
     x = torch.cat([matching.sample(teacher, z[i:i + batch_size], 100, None if y is None else y[i:i + batch_size])
                    for i in range(0, len(z), batch_size)])
@@ -813,12 +813,12 @@ def regression_loss(generator, pairs, i):  # DMD's regression loss on the pairs 
     return sqnorm(generator(z[i], None if y is None else y[i]) - x[i]).mean()
 
 
-def regression_start(generator, teacher, shape, updates, batch_size, lr, device, num_classes=None, seed=0):
+def regression_start(generator, teacher, shape, updates, batch_size, lr, device, num_classes=None, seed=0, n=0):
     """G's start: regressed onto the teacher's 100-step samples from the same z, Adam on a cosine (Luhman & Luhman
     2021). From u*'s one-step form distillation folds G onto separate modes too slowly and leaves points strung
     between them; this gives G the teacher's fold (more pairs did not help on 2D: fine-detail.md). Returns the
     last loss and the pairs, which --regress-weight keeps as an anchor through distillation."""
-    pairs, gen = regression_pairs(generator.matching, teacher, shape, updates, batch_size, device, num_classes, seed)
+    pairs, gen = regression_pairs(generator.matching, teacher, shape, updates, batch_size, device, num_classes, seed, n)
     optimiser = torch.optim.Adam(generator.parameters(), lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, updates)
     for _ in range(updates):
@@ -1152,6 +1152,7 @@ class Config(Method, DistillFlags):
                               "then the fake model from u* (0: u*'s one-step form; low-dim: 1/3)", type=float)
     regress_lr: float = opt(1e-3, "the regression's own lr (distillation after it takes --lr)")
     regress_weight: float = opt(0.0, "DMD's regression loss on the start's pairs, kept in G's loss at this weight")
+    regress_pairs: int = opt(0, "the regression's teacher samples (0: a batch per 10 of its updates, at most 50)")
 
 
 # The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a laptop CPU. A user's flag
@@ -1172,7 +1173,7 @@ HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top b
 T_INIT = 0.2  # 2D pairs: at t_g = 0 the first updates pile every z onto one neighbour (matching-models.md)
 FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f in fields(Method)] + [
     "batch_size", "sigma_init", "high_noise", "t_init", "fake_init", "init_generator", "init_ema", "regress",
-    "regress_lr", "regress_weight"]),
+    "regress_lr", "regress_weight", "regress_pairs"]),
     ("the teacher", TEACHER_FLAGS), ("data", DATA_FLAGS), ("model selection and the closing scores", SELECTION_FLAGS))
 
 
@@ -1208,11 +1209,12 @@ def main(argv=None):
             say(f"realuid: G's start, {regress} updates of regression onto the teacher's 100-step samples")
             loss, pairs = regression_start(OneStepGenerator(g, matching), teacher, tuple(data.shape()), regress,
                                            cfg.batch_size, cfg.regress_lr, device,
-                                           data.num_classes if cfg.cond else None, cfg.seed)
+                                           data.num_classes if cfg.cond else None, cfg.seed, cfg.regress_pairs)
             say(f"realuid: G's start regressed (mean squared error {loss:.4f})")
         elif cfg.regress_weight:  # resumed: the same pairs drawn again
             pairs = regression_pairs(matching, teacher, tuple(data.shape()), round(cfg.regress * cfg.steps),
-                                     cfg.batch_size, device, data.num_classes if cfg.cond else None, cfg.seed)[0]
+                                     cfg.batch_size, device, data.num_classes if cfg.cond else None, cfg.seed,
+                                     cfg.regress_pairs)[0]
         start = copy.deepcopy(g) if regress else None if resume is not None and cfg.regress else teacher  # resumed
         guard = Guard(ranks, ["fake model" + (" or discriminator" if cfg.gan else ""), "generator"], device)
         with refusing():  # the method's own checks (the GAN head's feature size)

@@ -306,7 +306,7 @@ def check_finite(cfg):
 
 POSITIVE = ("K", "batch_size", "steps", "log_every", "save_every", "sample_every", "keep", "hidden", "fid_samples",
             "lr", "grad_clip", "fake_lr_mult", "regress_lr")
-NON_NEGATIVE = ("warmup", "fid_every", "skip_nonfinite", "ema_rampup", "regress_weight")
+NON_NEGATIVE = ("warmup", "fid_every", "skip_nonfinite", "ema_rampup", "regress_weight", "regress_pairs")
 SIZE_LIMITS = dict(hidden=(1, 65536), channels=(32, 4096), num_res_blocks=(1, 32), workers=(0, 256),
                    resolution=(0, 4096), eval_samples=(1, 10 ** 7), fid_samples=(1, 10 ** 7),
                    teacher_steps=(1, 10 ** 9), fourier=(0, 4096), regress=(0, 100))
@@ -401,8 +401,8 @@ def distill_config(cls, user, recipes, finetune, check_coefficients):
     check_loss_flags(cfg)
     if cfg.regress and data.coupled:
         raise UsageError("--regress needs noise-to-data (fm, vp, ve); paired data start from their sources")
-    if cfg.regress_weight and not cfg.regress:
-        raise UsageError("--regress-weight keeps the regression start's pairs: it needs --regress")
+    if (cfg.regress_weight or cfg.regress_pairs) and not cfg.regress:
+        raise UsageError("--regress-weight and --regress-pairs are the regression start's: they need --regress")
     if cfg.t_init is not None and not (data.coupled and 0 <= cfg.t_init < 1):
         raise UsageError(f"--t-init must lie in [0, 1) (got {cfg.t_init})" if data.coupled else
                          "--t-init is the time of si's and bridge's generator, on paired data; use --sigma-init")

@@ -1574,6 +1574,11 @@ def test_regression_start_brings_one_step_samples_to_the_teachers_100_step_sampl
         R.regression_start(R.OneStepGenerator(copy.deepcopy(teacher), m), teacher, (2,), 20, 64, 1e-3,
                            torch.device("cpu"), seed=seed)
     pairs = torch.cat(seen)
+    assert len(pairs) == 2 * 2 * 64  # per seed one batch per 10 updates
+    seen.clear()  # --regress-pairs 150: 150 pairs whatever the updates, sampled in batches
+    R.regression_start(R.OneStepGenerator(copy.deepcopy(teacher), m), teacher, (2,), 20, 64, 1e-3,
+                       torch.device("cpu"), seed=0, n=150)
+    assert [len(z) for z in seen] == [64, 64, 22]
     for s in range(16):
         drawn = next(R.generate(teacher, 1000, (2,), torch.device("cpu"), steps=1, seed=s, matching=m))
         assert not (torch.cdist(pairs, drawn) < 1e-6).any(), s
@@ -1622,9 +1627,10 @@ def test_the_regression_anchor_adds_dmds_regression_loss_to_gs_and_alone_pulls_g
 
 
 def test_a_run_with_the_regression_anchor_resumes_exactly_and_refuses_it_without_pairs(tiny_run, tmp_path):
-    # a resumed run draws the start's pairs again: from the checkpoint at update 6 it ends where the run did
-    common = ["--teacher", str(tiny_run / "teacher.pt"), "--regress", "0.5", "--regress-weight", "1", "--steps",
-              "12", "--K", "2", "--save-every", "6", "--keep", "5", "--fid-every", "0", "--eval-samples", "200"]
+    # a resumed run draws the start's pairs again (here 200, not the 512 of one batch): from the checkpoint at
+    # update 6 it ends where the run did
+    common = ["--teacher", str(tiny_run / "teacher.pt"), "--regress", "0.5", "--regress-weight", "1",
+              "--regress-pairs", "200", "--steps", "12", "--K", "2", "--save-every", "6", "--keep", "5", "--fid-every", "0", "--eval-samples", "200"]
     assert R.main(common + ["--out", str(tmp_path / "one")]) == 0
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     os.remove(tmp_path / "two" / "checkpoint-00000012.pt")
@@ -1632,6 +1638,7 @@ def test_a_run_with_the_regression_anchor_resumes_exactly_and_refuses_it_without
     assert_same_weights(weights_of(tmp_path / "one"), weights_of(tmp_path / "two"))
     refused_as_a_script(tmp_path, "realuid.py", "--regress-weight", "1", "--regress", "0")
     refused_as_a_script(tmp_path / "neg", "realuid.py", "--regress-weight", "-1")
+    refused_as_a_script(tmp_path / "pairs", "realuid.py", "--regress-pairs", "6400", "--regress", "0")
 
 
 def test_checkpoints_rotate_atomically(tmp_path, tiny_run):
