@@ -20,6 +20,7 @@ distance, mode coverage, FID's features and Frechet distance, the closing table)
 """
 
 import copy
+import functools
 import gc
 import json
 import math
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from realuid import (Config, RealUID, UNet, build_field, generate, load_field, main as realuid_main, matching_model,
+from realuid import (Config, Diffusion, RealUID, UNet, build_field, generate, load_field, main as realuid_main, matching_model,
                      read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field, teacher_step,
                      train_teacher, variant)
 from runtime import (CLASSIFIER_KIND, DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION,
@@ -883,13 +884,18 @@ def cmd_classifier(args):
 
 def load_net(args):
     """(path, network, checkpoint, steps, matching model): a generator takes one step (steps None), a teacher
-    --steps of its sampler, default 100."""
+    --steps of its sampler, default 100 (a diffusion teacher's reverse SDE with --sde)."""
     path = latest_checkpoint(args.checkpoint)
     net, ckpt = load_field(path, "checkpoint", args.ema,
                            **(dict(image_size=args.resolution) if args.resolution else {}))
     steps = None if ckpt.get("kind") == "generator" else (getattr(args, "steps", None) or 100)
     with refusing():
-        return path, net, ckpt, steps, matching_model(stored_matching(ckpt))
+        matching = matching_model(stored_matching(ckpt))
+    if getattr(args, "sde", False):
+        if steps is None or not isinstance(matching, Diffusion):
+            raise UsageError(f"--sde samples a diffusion teacher (vp, ve) by its reverse SDE; {path} is not one")
+        matching.sample = functools.partial(matching.sample, sde=True)
+    return path, net, ckpt, steps, matching
 
 
 def cmd_efficiency(args):
@@ -1148,6 +1154,8 @@ def main(argv=None):
     s.add_argument("--grid", type=int, default=100, help="images in the PNG grid")
     s.add_argument("--steps", type=int, default=None,
                    help="sampler steps of a teacher (default 100); a generator always takes one")
+    s.add_argument("--sde", action="store_true", help="a diffusion teacher (vp, ve): Euler-Maruyama of the reverse "
+                                                      "SDE instead of DDIM")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draws", type=int, default=1, help="paired images, a generator: one-step columns in the grid, "
                                                         "each a z of its own (a wide conditional law shows), and the "
@@ -1178,6 +1186,8 @@ def main(argv=None):
     f.add_argument("--batch-size", type=int, default=500, help="images generated per batch")
     f.add_argument("--bf16", action="store_true", help="generate in bf16 autocast (the features stay fp32)")
     f.add_argument("--steps", type=int, default=None, help="sampler steps of a teacher (default 100)")
+    f.add_argument("--sde", action="store_true", help="a diffusion teacher (vp, ve): Euler-Maruyama of the reverse "
+                                                      "SDE instead of DDIM")
     f.add_argument("--seed", type=int, default=0, help="seed of the first run; run r uses seed + r")
     f.add_argument("--out", default="", help="also write the scores to this .json")
 

@@ -2520,6 +2520,25 @@ def test_tangent_kernel_matches_its_closed_form_for_a_linear_field():
         torch.testing.assert_close(got, K / torch.outer(K.diag(), K.diag()).sqrt(), atol=1e-5, rtol=1e-5)
 
 
+def test_eval_samples_a_diffusion_teacher_by_its_reverse_sde_and_refuses_it_for_other_nets(tiny_families, tmp_path):
+    # eval.py sample/fid --sde: the reverse SDE's Euler-Maruyama from the same z, its noise from the same seed
+    path = str(tiny_families["vp"] / "teacher.pt")
+    for sde in ([], ["--sde"]):
+        assert eval_py.main(["sample", path, "--n", "64", "--steps", "20", "--seed", "3", "--out",
+                             str(tmp_path / f"x{len(sde)}.npy")] + sde) == 0
+    net, ckpt = R.load_field(path)
+    m, gen = R.matching_model(RT.stored_matching(ckpt)), torch.Generator().manual_seed(3)
+    z = torch.randn(64, 2, generator=gen)
+    with torch.no_grad():
+        ddim, sde = m.sample(net.eval(), z, 20), m.sample(net, z, 20, sde=True, gen=gen)
+    for i, x in enumerate((ddim, sde)):  # written in the data's units
+        assert np.allclose(np.load(tmp_path / f"x{i}.npy"), RT.to_data_units(x, ckpt["data"]), rtol=1e-5, atol=1e-5)
+    assert (ddim - sde).abs().mean() > 0.05  # the two samplers differ
+    for i, other in enumerate((tiny_families["ve"], tiny_families["bridge"] / "teacher.pt")):  # a generator; a bridge
+        line = refused_as_a_script(tmp_path / f"r{i}", "eval.py", "fid", str(other), "--sde")
+        assert "--sde samples a diffusion teacher" in line
+
+
 def test_kernel_command_reads_2d_teachers_and_refuses_others(tiny_families, tmp_path):
     ok = subprocess.run([sys.executable, "eval.py", "kernel", str(tiny_families["vp"] / "teacher.pt"), "--n", "30"],
                         cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
