@@ -799,9 +799,9 @@ class OneStepGenerator(nn.Module):
 
 def regression_pairs(matching, teacher, shape, updates, batch_size, device, num_classes=None, seed=0, n=0):
     """(z, y, x): the teacher's 100-step samples x from z (y: class labels or None), and the generator that drew z.
-    n pairs, or 50 batches, one per 10 updates when fewer (sampling them costs 100 updates' worth each)."""
+    One batch per 10 updates, at most n pairs (0: 50 batches): sampling one costs 100 updates' worth."""
     gen = torch.Generator().manual_seed(1_000_003 + seed)  # z no score draws (seeds 0, 1, ...): G memorises them
-    z = torch.randn(n or min(50, max(1, -(-updates // 10))) * batch_size, *shape, generator=gen).to(device)
+    z = torch.randn(min(max(1, -(-updates // 10)) * batch_size, n or 50 * batch_size), *shape, generator=gen).to(device)
     y = torch.randint(num_classes, (len(z),), generator=gen).to(device) if num_classes else None
     x = torch.cat([matching.sample(teacher, z[i:i + batch_size], 100, None if y is None else y[i:i + batch_size])
                    for i in range(0, len(z), batch_size)])
@@ -1149,22 +1149,24 @@ class Config(Method, DistillFlags):
     init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
     init_ema: float = opt(None, "EMA decay to take from --init-generator (default: its raw generator)", type=float)
     regress: float = opt(0.0, "G's start: regression onto the teacher's 100-step samples for this share of --steps, "
-                              "then the fake model from u* (0: u*'s one-step form; low-dim: 1/3)", type=float)
+                              "then the fake model from u* (0: u*'s one-step form; 2D 1/3, digits 8/3)", type=float)
     regress_lr: float = opt(1e-3, "the regression's own lr (distillation after it takes --lr)")
     regress_weight: float = opt(0.0, "DMD's regression loss on the start's pairs, kept in G's loss at this weight")
-    regress_pairs: int = opt(0, "the regression's teacher samples (0: a batch per 10 of its updates, at most 50)")
+    regress_pairs: int = opt(0, "the regression's teacher samples: a batch per 10 of its updates, at most this many "
+                                "(0: 50 batches; digits 6400)")
 
 
 # The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a laptop CPU. A user's flag
 # wins over any recipe. Digits ramp their EMAs up: after 200 generator updates a fixed 0.995 keeps 37 % of the
-# teacher's one step; paired digits keep it, near the data there (matching-models.md).
+# teacher's one step; paired digits keep it, near the data there. Digits regress G onto 6400 teacher samples, then
+# distil at the fine-tuning lr: at 3e-4 distillation undid a start that good (matching-models.md).
 RECIPES = dict(
     lowdim=dict(lr=1e-3, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
                 log_every=50, save_every=2000, fid_every=2000, regress=1 / 3),
     lowdim_pairs=dict(regress=0),  # on top of lowdim, for si and bridge: their noise is the source's
-    digits=dict(lr=3e-4, batch_size=64, steps=1200, warmup=100, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
-                log_every=50, save_every=600, sample_every=300, fid_samples=2000),
-    digits_pairs=dict(ema_rampup=0.0),  # on top of digits, for the paired digits tasks (runtime.DEGRADATIONS)
+    digits=dict(lr=1e-5, batch_size=64, steps=1200, warmup=0, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
+                log_every=50, save_every=600, sample_every=300, fid_samples=2000, regress=8 / 3, regress_pairs=6400),
+    digits_pairs=dict(ema_rampup=0.0, lr=3e-4, warmup=100, regress=0),  # the paired digits (runtime.DEGRADATIONS)
     image={})
 
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0, regress=0)  # App. D.2

@@ -401,8 +401,8 @@ def distill_config(cls, user, recipes, finetune, check_coefficients):
     check_loss_flags(cfg)
     if cfg.regress and data.coupled:
         raise UsageError("--regress needs noise-to-data (fm, vp, ve); paired data start from their sources")
-    if (cfg.regress_weight or cfg.regress_pairs) and not cfg.regress:
-        raise UsageError("--regress-weight and --regress-pairs are the regression start's: they need --regress")
+    if cfg.regress_weight and not cfg.regress:
+        raise UsageError("--regress-weight keeps the regression start's pairs: it needs --regress")
     if cfg.t_init is not None and not (data.coupled and 0 <= cfg.t_init < 1):
         raise UsageError(f"--t-init must lie in [0, 1) (got {cfg.t_init})" if data.coupled else
                          "--t-init is the time of si's and bridge's generator, on paired data; use --sigma-init")

@@ -875,13 +875,15 @@ def long_runs(tmp_path_factory):
         ["realuid.py", "--model", "bridge", "--dataset", "digits-sr8", "--teacher", root / "bridge-sr8" / "t" /
          "teacher.pt", "--steps", "240", "--batch-size", "16", "--sample-every", "1000", "--out",
          root / "bridge-sr8" / "d"]],
-        "digits": [  # the classifier at a third of its epochs, 300 teacher updates, 240 of distillation
+        "digits": [  # the classifier at a third of its epochs, 300 teacher updates, 240 of distillation from u*'s
+            # one-step form at the lr before the regression start (the recipe's start is tested on its own)
             ["eval.py", "classifier", "--epochs", "10", "--out", root / "digits" / "classifier.safetensors"],
             ["teacher.py", "--dataset", "digits", "--steps", "300", "--batch-size", "32", "--sample-steps", "0",
              "--out", root / "digits" / "t"],
             ["realuid.py", "--dataset", "digits", "--teacher", root / "digits" / "t" / "teacher.pt", "--steps",
              "240", "--batch-size", "16", "--sample-every", "1000", "--fid-every", "240", "--fid-features",
-             root / "digits" / "classifier.safetensors", "--fid-samples", "500", "--out", root / "digits" / "d"]]}
+             root / "digits" / "classifier.safetensors", "--fid-samples", "500", "--regress", "0", "--lr", "3e-4",
+             "--warmup", "100", "--out", root / "digits" / "d"]]}
     for family, dataset in FAMILIES:
         out = root / family
         # The families but fm (the default recipe) distil from u*'s one-step form, without the regression start,
@@ -1575,8 +1577,8 @@ def test_regression_start_brings_one_step_samples_to_the_teachers_100_step_sampl
                            torch.device("cpu"), seed=seed)
     pairs = torch.cat(seen)
     assert len(pairs) == 2 * 2 * 64  # per seed one batch per 10 updates
-    seen.clear()  # --regress-pairs 150: 150 pairs whatever the updates, sampled in batches
-    R.regression_start(R.OneStepGenerator(copy.deepcopy(teacher), m), teacher, (2,), 20, 64, 1e-3,
+    seen.clear()  # --regress-pairs 150 caps them (in place of 50 batches), sampled in batches
+    R.regression_start(R.OneStepGenerator(copy.deepcopy(teacher), m), teacher, (2,), 30, 64, 1e-3,
                        torch.device("cpu"), seed=0, n=150)
     assert [len(z) for z in seen] == [64, 64, 22]
     for s in range(16):
@@ -1638,7 +1640,6 @@ def test_a_run_with_the_regression_anchor_resumes_exactly_and_refuses_it_without
     assert_same_weights(weights_of(tmp_path / "one"), weights_of(tmp_path / "two"))
     refused_as_a_script(tmp_path, "realuid.py", "--regress-weight", "1", "--regress", "0")
     refused_as_a_script(tmp_path / "neg", "realuid.py", "--regress-weight", "-1")
-    refused_as_a_script(tmp_path / "pairs", "realuid.py", "--regress-pairs", "6400", "--regress", "0")
 
 
 def test_checkpoints_rotate_atomically(tmp_path, tiny_run):
@@ -1867,8 +1868,10 @@ def digits_features(tmp_path_factory):
 
 def test_fid_every_keeps_the_best_weights_and_eval_reproduces_their_score(digits_features, tmp_path, capsys):
     out = tmp_path / "run"
+    # --regress 0: the recipe's regression start lasts a share of --steps, so a run resumed to more steps is
+    # the run straight to them only without it (docs/cli.md)
     assert R.main(["--dataset", "digits", "--teacher", digits_features, "--steps", "6", "--K", "2", "--batch-size",
-                   "8", "--fid-every", "3", "--fid-samples", "64", "--fid-features", digits_features,
+                   "8", "--fid-every", "3", "--fid-samples", "64", "--fid-features", digits_features, "--regress", "0",
                    "--out", str(out)]) == 0
     rows = [json.loads(l) for l in open(out / "metrics.jsonl") if "fid/generator" in l]
     assert [r["step"] for r in rows] == [0, 3, 6]  # the start competes too
@@ -1893,7 +1896,7 @@ def test_fid_every_keeps_the_best_weights_and_eval_reproduces_their_score(digits
     # and goes on exactly as a run straight to 9 (building the feature network draws from the global RNG: the
     # checkpoint's RNG state must be restored after it)
     assert R.main(["--dataset", "digits", "--teacher", digits_features, "--steps", "9", "--K", "2", "--batch-size",
-                   "8", "--fid-every", "3", "--fid-samples", "64", "--fid-features", digits_features,
+                   "8", "--fid-every", "3", "--fid-samples", "64", "--fid-features", digits_features, "--regress", "0",
                    "--out", str(tmp_path / "straight")]) == 0
     a, b = (torch.load(RT.latest_checkpoint(str(d)), weights_only=True) for d in (out, tmp_path / "straight"))
     for part in ("generator", "fake"):
