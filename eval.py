@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from realuid import (Config, Diffusion, RealUID, UNet, build_field, generate, load_field, main as realuid_main, matching_model,
-                     read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field, teacher_step,
-                     train_teacher, variant)
+from realuid import (Config, Diffusion, RealUID, UNet, build_field, generate, load_field, main as realuid_main,
+                     matching_model, read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field,
+                     teacher_step, train_teacher, variant)
 from runtime import (CLASSIFIER_KIND, DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION,
                      Data, DigitClassifier, HeldOut, Parser, TeacherConfig, UsageError, classifier_path, config_dict,
                      count_parameters, cycled, fail, latest_checkpoint, load_checkpoint, load_data, load_digits,

@@ -797,14 +797,16 @@ class OneStepGenerator(nn.Module):
         return self.matching.one_step(self.g, z, y)
 
 
-def regression_pairs(matching, teacher, shape, updates, batch_size, device, num_classes=None, seed=0, n=0):
+def regression_pairs(matching, teacher, shape, updates, batch_size, device, num_classes=None, seed=0, n=0,
+                     progress=lambda steps, what: steps):
     """(z, y, x): the teacher's 100-step samples x from z (y: class labels or None), and the generator that drew z.
-    One batch per 10 updates, at most n pairs (0: 50 batches): sampling one costs 100 updates' worth."""
+    One batch per 10 updates, at most n pairs (0: 50 batches): sampling one costs 100 updates' worth. progress
+    wraps the loops (a bar: realuid.py's main)."""
     gen = torch.Generator().manual_seed(1_000_003 + seed)  # z no score draws (seeds 0, 1, ...): G memorises them
     z = torch.randn(min(max(1, -(-updates // 10)) * batch_size, n or 50 * batch_size), *shape, generator=gen).to(device)
     y = torch.randint(num_classes, (len(z),), generator=gen).to(device) if num_classes else None
     x = torch.cat([matching.sample(teacher, z[i:i + batch_size], 100, None if y is None else y[i:i + batch_size])
-                   for i in range(0, len(z), batch_size)])
+                   for i in progress(range(0, len(z), batch_size), "the teacher's samples")])
     return (z, y, x), gen
 
 
@@ -813,15 +815,17 @@ def regression_loss(generator, pairs, i):  # DMD's regression loss on the pairs 
     return sqnorm(generator(z[i], None if y is None else y[i]) - x[i]).mean()
 
 
-def regression_start(generator, teacher, shape, updates, batch_size, lr, device, num_classes=None, seed=0, n=0):
+def regression_start(generator, teacher, shape, updates, batch_size, lr, device, num_classes=None, seed=0, n=0,
+                     progress=lambda steps, what: steps):
     """G's start: regressed onto the teacher's 100-step samples from the same z, Adam on a cosine (Luhman & Luhman
     2021). From u*'s one-step form distillation folds G onto separate modes too slowly and leaves points strung
     between them; this gives G the teacher's fold (more pairs did not help on 2D: fine-detail.md). Returns the
     last loss and the pairs, which --regress-weight keeps as an anchor through distillation."""
-    pairs, gen = regression_pairs(generator.matching, teacher, shape, updates, batch_size, device, num_classes, seed, n)
+    pairs, gen = regression_pairs(generator.matching, teacher, shape, updates, batch_size, device, num_classes, seed, n,
+                                  progress)
     optimiser = torch.optim.Adam(generator.parameters(), lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, updates)
-    for _ in range(updates):
+    for _ in progress(range(updates), "regression"):
         loss = regression_loss(generator, pairs, torch.randint(len(pairs[0]), (batch_size,), generator=gen).to(device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -1184,6 +1188,7 @@ FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f 
 # =============================================================================
 
 def main(argv=None):
+    from tqdm import tqdm
     user = vars(parser_from_dataclass(Config, "RealUID distillation of a matching-model teacher into a one-step "
                                               "generator (Kornilov et al., ICLR 2026).", "realuid.py",
                                       FLAG_GROUPS).parse_args(argv))
@@ -1211,7 +1216,9 @@ def main(argv=None):
             say(f"realuid: G's start, {regress} updates of regression onto the teacher's 100-step samples")
             loss, pairs = regression_start(OneStepGenerator(g, matching), teacher, tuple(data.shape()), regress,
                                            cfg.batch_size, cfg.regress_lr, device,
-                                           data.num_classes if cfg.cond else None, cfg.seed, cfg.regress_pairs)
+                                           data.num_classes if cfg.cond else None, cfg.seed, cfg.regress_pairs,
+                                           lambda steps, what: tqdm(steps, desc=f"G's start: {what}", leave=False,
+                                                                    disable=not ranks.main or None))
             say(f"realuid: G's start regressed (mean squared error {loss:.4f})")
         elif cfg.regress_weight:  # resumed: the same pairs drawn again
             pairs = regression_pairs(matching, teacher, tuple(data.shape()), round(cfg.regress * cfg.steps),

@@ -690,7 +690,7 @@ def test_the_plot_and_the_progress_bar_name_the_variant(tmp_path, monkeypatch):
     assert R.main(["--gan", "--steps", "12", "--teacher-steps", "30", "--eval-samples", "100", "--fid-every", "0",
                    "--out", str(tmp_path)]) == 0
     assert titles[-1].startswith("RealUID + GAN ") and not any(t.startswith(("RealUID E", "RealUID g")) for t in titles)
-    assert bars[:2] == ["teacher", "RealUID + GAN"]
+    assert bars[:4] == ["teacher", "G's start: the teacher's samples", "G's start: regression", "RealUID + GAN"]
 
 
 def test_variant_flags_are_validated(capsys, tmp_path):
@@ -1578,9 +1578,12 @@ def test_regression_start_brings_one_step_samples_to_the_teachers_100_step_sampl
     pairs = torch.cat(seen)
     assert len(pairs) == 2 * 2 * 64  # per seed one batch per 10 updates
     seen.clear()  # --regress-pairs 150 caps them (in place of 50 batches), sampled in batches
+    shown = []  # and both loops report through progress (main's bar: minutes of teacher samples on digits)
     R.regression_start(R.OneStepGenerator(copy.deepcopy(teacher), m), teacher, (2,), 30, 64, 1e-3,
-                       torch.device("cpu"), seed=0, n=150)
+                       torch.device("cpu"), seed=0, n=150, progress=lambda steps, what: shown.append(
+                           (what, len(steps))) or steps)
     assert [len(z) for z in seen] == [64, 64, 22]
+    assert shown == [("the teacher's samples", 3), ("regression", 30)]
     for s in range(16):
         drawn = next(R.generate(teacher, 1000, (2,), torch.device("cpu"), steps=1, seed=s, matching=m))
         assert not (torch.cdist(pairs, drawn) < 1e-6).any(), s
