@@ -1643,6 +1643,7 @@ def test_a_run_with_the_regression_anchor_resumes_exactly_and_refuses_it_without
     assert_same_weights(weights_of(tmp_path / "one"), weights_of(tmp_path / "two"))
     refused_as_a_script(tmp_path, "realuid.py", "--regress-weight", "1", "--regress", "0")
     refused_as_a_script(tmp_path / "neg", "realuid.py", "--regress-weight", "-1")
+    assert "--regress-pairs" in refused_as_a_script(tmp_path / "pairs", "realuid.py", "--regress-pairs", "-1")
 
 
 def test_checkpoints_rotate_atomically(tmp_path, tiny_run):
