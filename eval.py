@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from realuid import (Config, Diffusion, RealUID, UNet, build_field, generate, load_field, main as realuid_main,
                      matching_model, read_field_checkpoint, realuid_generator_loss, realum_loss, sample_field,
-                     teacher_step, train_teacher, variant)
+                     teacher_step, train_teacher, variant, weighted_mean)
 from runtime import (CLASSIFIER_KIND, DATA_FIELDS, DEGRADATIONS, FID, MIXTURES, PRECISIONS, TEACHER_RECIPES, VERSION,
                      Data, DigitClassifier, HeldOut, Parser, TeacherConfig, UsageError, classifier_path, config_dict,
                      count_parameters, cycled, fail, latest_checkpoint, load_checkpoint, load_data, load_digits,
@@ -141,7 +141,7 @@ class StraightforwardRealUID(RealUID):
         f_gen = self.fake(t, m.path(x0, x_gen, t), y)
         f_real = self.fake(t, m.path(x0, x_real, t), y)
         # eq. 16
-        loss = self._mean(realum_loss(f_gen, m.target(x0, x_gen, t), f_real, m.target(x0, x_real, t), cfg.alpha,
+        loss = weighted_mean(realum_loss(f_gen, m.target(x0, x_gen, t), f_real, m.target(x0, x_real, t), cfg.alpha,
                                       cfg.beta), m.weight(t))
         return self._update(loss, self.opt_fake, self.sched_fake, self.fake)
 
@@ -154,7 +154,7 @@ class StraightforwardRealUID(RealUID):
         x_t = m.path(x0, x_gen, t)
         # eq. 17; the backward pass also fills the teacher's and the fake model's unused .grad
         f_star = self.teacher(t, x_t, y)
-        loss = self._mean(realuid_generator_loss(f_star, self.fake(t, x_t, y), m.target(x0, x_gen, t), cfg.alpha,
+        loss = weighted_mean(realuid_generator_loss(f_star, self.fake(t, x_t, y), m.target(x0, x_gen, t), cfg.alpha,
                                                  cfg.beta), m.generator_weight(t, x_t, x_gen, f_star))
         return self._update(loss, self.opt_gen, self.sched_gen, self.generator, emas=True)
 

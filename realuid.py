@@ -111,8 +111,7 @@ def timestep_embedding(t, dim, max_period=10000):
     return F.pad(emb, (0, dim % 2))
 
 
-def zero_init(module):
-    # Residual branches start as the identity, as in torchcfm.
+def zero_init(module):  # residual branches start as the identity, as in torchcfm
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
@@ -194,8 +193,7 @@ class UNet(nn.Module):
         attention_ds = {image_size // r for r in attention_resolutions}
 
         def attention(ch):
-            heads = ch // num_head_channels if num_head_channels > 0 else num_heads
-            return AttentionBlock(ch, heads)
+            return AttentionBlock(ch, ch // num_head_channels if num_head_channels > 0 else num_heads)
 
         self.time_embed = nn.Sequential(nn.Linear(channels, emb), nn.SiLU(), nn.Linear(emb, emb))
         if num_classes is not None:
@@ -706,6 +704,10 @@ def inner(a, b):
     return (a * b).flatten(1).sum(1)
 
 
+def weighted_mean(loss, w):  # the batch mean of per-sample losses, weighted as the matching model asks
+    return (loss if w is None else w * loss).mean()
+
+
 def um_loss(f, u_cond):
     # eq. 3 (CFM eq. 2): || f_t(x_t) - u_t(x_t | x1) ||^2
     return sqnorm(f - u_cond)
@@ -845,8 +847,7 @@ def ema_update(ema_net, net, decay):
     torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
 
 
-def fused_adam(device):
-    """Adam as one kernel over all parameters: 5x faster than the per-tensor loop on the CIFAR UNet (CPU)."""
+def fused_adam(device):  # Adam as one kernel over all parameters: 5x the per-tensor loop's speed (CIFAR UNet, CPU)
     return device.type in ("cpu", "cuda")
 
 
@@ -910,9 +911,6 @@ class RealUID:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             return fn(*args).float()
 
-    def _mean(self, loss, w):  # the batch mean of per-sample losses, weighted as the matching model asks
-        return (loss if w is None else w * loss).mean()
-
     def _gan_logits(self, x0, x1, y):
         """D(x_t) with t drawn from --gan-t-range, near the data end (eq. 8, D.1)."""
         lo, hi = self.cfg.gan_t_range
@@ -943,15 +941,15 @@ class RealUID:
         f = self._run(self.fake, tt, xt, yy)
         f_gen, f_real = f.chunk(2) if real else (f, None)
         if cfg.gamma is None and not cfg.normalized:
-            loss = self._mean(realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta), m.weight(t))
+            loss = weighted_mean(realum_loss(f_gen, u_gen, f_real, u_real, cfg.alpha, cfg.beta), m.weight(t))
         else:  # General and Normalized RealUID have no RealUM form: maximise them, with u* on both halves
             with torch.no_grad():
                 fs_gen, fs_real = self._run(self.teacher, tt, xt, yy).chunk(2)
             if cfg.normalized:
-                loss = -self._mean(normalized_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real,
+                loss = -weighted_mean(normalized_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real,
                                                            cfg.alpha, cfg.beta), m.weight(t))
             else:
-                loss = -self._mean(general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha,
+                loss = -weighted_mean(general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha,
                                                         cfg.beta, cfg.gamma, cfg.parameterization), m.weight(t))
         if cfg.gan:  # the discriminator: generated against real x_t, in one pass
             logits_gen, logits_real = self._gan_logits(torch.cat([x0, x0]), torch.cat([x_gen, x_real]),
@@ -987,7 +985,7 @@ class RealUID:
                 loss = realsid_generator_loss(f_star, f, u_gen, cfg.alpha_sid, cfg.alpha, cfg.beta)
             else:
                 loss = realuid_generator_loss(f_star, f, u_gen, cfg.alpha, cfg.beta)
-            loss = self._mean(loss, m.generator_weight(t, x_t, x_gen, f_star))
+            loss = weighted_mean(loss, m.generator_weight(t, x_t, x_gen, f_star))
             if self.regress_weight:  # the start's pairs hold each z to the teacher's sample (DMD's regression loss)
                 i = self.draw(lambda x: torch.randint(len(self.pairs[0]), (len(x),), device=x.device), x_gen)
                 loss = loss + self.regress_weight * regression_loss(
@@ -1080,8 +1078,7 @@ def teacher_step(net, optimiser, sched, ema, m, x1, y, grad_clip, bf16=False, dr
     x0, t = noise_and_time(m, x1, y, draw)
     with torch.autocast(x1.device.type, torch.bfloat16, enabled=bf16):
         u = net(t, m.path(x0, x1, t), y).float()
-    loss, w = um_loss(u, m.target(x0, x1, t)), m.weight(t)
-    loss = (loss if w is None else w * loss).mean()
+    loss = weighted_mean(um_loss(u, m.target(x0, x1, t)), m.weight(t))
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     apply(0, optimiser, list(net.parameters()), loss, grad_clip, update)
@@ -1136,19 +1133,19 @@ def teacher_matching(cfg, ckpt, data, path):
 
 
 # =============================================================================
-# The command line's config: Method and G's start; the teacher, data and run in runtime.DistillFlags; recipes
+# The command line's config: Method and G's start (the teacher's, data's and run's flags and the recipes: runtime)
 # =============================================================================
 
 @dataclass
 class Config(Method, DistillFlags):
     """realuid.py's flags: the method's (Method and here); the teacher's, the data's and the run's (device, output,
     logging, checkpoints, FID) in runtime.DistillFlags."""
+    batch_size: int = opt(256, "batch size (generated and real halves each)")
     sigma_init: float = opt(None, "the noise level s/a at which G denoises as the teacher (SiD); default 2.5 for "
                                   "diffusion and low-dim flow matching (images: the paper's z + g(0, z))", type=float)
     high_noise: float = opt(None, "fm, vp, ve: the share of noise levels from [sigma_init / 5, sigma_init], where the "
                                   "modes' masses settle (else SiD's law); default 0.5 on 2D, 0 on images", type=float)
     t_init: float = opt(None, "si, bridge: G's time t_g (the teacher's step from it); 2D pairs 0.2, else 0", type=float)
-    batch_size: int = opt(256, "batch size (generated and real halves each)")
     fake_init: str = opt("random", "the fake model's start: random or the teacher", choices=("random", "teacher"))
     init_generator: str = opt("", "fine-tune: start G from this distilled checkpoint's EMA, the fake from u*")
     init_ema: float = opt(None, "EMA decay to take from --init-generator (default: its raw generator)", type=float)
@@ -1160,26 +1157,11 @@ class Config(Method, DistillFlags):
                                 "(0: 50 batches; digits 6400)")
 
 
-# The CIFAR recipe would take days to move a 2D point cloud; these finish in minutes on a laptop CPU. A user's flag
-# wins over any recipe. Digits ramp their EMAs up: after 200 generator updates a fixed 0.995 keeps 37 % of the
-# teacher's one step; paired digits keep it, near the data there. Digits regress G onto 6400 teacher samples, then
-# distil at the fine-tuning lr: at 3e-4 distillation undid a start that good (matching-models.md).
-RECIPES = dict(
-    lowdim=dict(lr=1e-3, batch_size=512, steps=12000, warmup=100, lr_decay="cosine", ema=(0.95, 0.99, 0.995),
-                log_every=50, save_every=2000, fid_every=2000, regress=1 / 3),
-    lowdim_pairs=dict(regress=0),  # on top of lowdim, for si and bridge: their noise is the source's
-    digits=dict(lr=1e-5, batch_size=64, steps=1200, warmup=0, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
-                log_every=50, save_every=600, sample_every=300, fid_samples=2000, regress=8 / 3, regress_pairs=6400),
-    digits_pairs=dict(ema_rampup=0.0, lr=3e-4, warmup=100, regress=0),  # the paired digits (runtime.DEGRADATIONS)
-    image={})
-
-FINETUNE_RECIPE = dict(lr=1e-5, warmup=0, regress=0)  # App. D.2
 SIGMA_INIT = 2.5  # SiD's: the generator's noise level, and the highest one distillation sees
 HIGH_NOISE = 0.5  # low-dim data: the share of distillation's draws in the top band (below_sigma_init)
 T_INIT = 0.2  # 2D pairs: at t_g = 0 the first updates pile every z onto one neighbour (matching-models.md)
-FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)", [f.name for f in fields(Method)] + [
-    "batch_size", "sigma_init", "high_noise", "t_init", "fake_init", "init_generator", "init_ema", "regress",
-    "regress_lr", "regress_weight", "regress_pairs"]),
+FLAG_GROUPS = (("the method (eq. 16, Algorithm 1, App. A and D)",  # Method's and Config's own, in their order
+                [f.name for f in fields(Config) if f.name not in {g.name for g in fields(DistillFlags)}]),
     ("the teacher", TEACHER_FLAGS), ("data", DATA_FLAGS), ("model selection and the closing scores", SELECTION_FLAGS))
 
 
@@ -1194,7 +1176,7 @@ def main(argv=None):
                                       FLAG_GROUPS).parse_args(argv))
     created = None
     try:
-        resume, cfg, data = distill_config(Config, user, RECIPES, FINETUNE_RECIPE, check_coefficients)
+        resume, cfg, data = distill_config(Config, user, check_coefficients)
         ranks, device, out, created = open_run(cfg, data)
         say = print if ranks.main else lambda *a: None
         torch.manual_seed(cfg.seed)

@@ -1054,7 +1054,7 @@ def test_ema_rampup_forgets_the_start_and_counts_generator_updates():
     for e, g, g1 in zip(state.ema[0.99].parameters(), state.generator.g.parameters(), first[0].parameters()):
         assert (e - g).abs().max() <= 2e-3 * (g1 - g).abs().max() + 1e-7
     # the digits recipe ramps; paired digits, 2D data and a flag that says 0 keep fixed decays
-    rampup = lambda **user: RT.resolve_config(R.Config, user, R.RECIPES)[0].ema_rampup
+    rampup = lambda **user: RT.resolve_config(R.Config, user, RT.DISTILL_RECIPES)[0].ema_rampup
     assert rampup(dataset="digits") == 0.05
     assert rampup(dataset="digits-sr") == rampup(dataset="8gaussians") == rampup(dataset="digits", ema_rampup=0) == 0
     assert "--ema-rampup must be >= 0" in subprocess.run([sys.executable, "realuid.py", "--ema-rampup", "-1"],
