@@ -141,8 +141,8 @@ class StraightforwardRealUID(RealUID):
         f_gen = self.fake(t, m.path(x0, x_gen, t), y)
         f_real = self.fake(t, m.path(x0, x_real, t), y)
         # eq. 16
-        loss = weighted_mean(realum_loss(f_gen, m.target(x0, x_gen, t), f_real, m.target(x0, x_real, t), cfg.alpha,
-                                      cfg.beta), m.weight(t))
+        loss = weighted_mean(realum_loss(f_gen, m.target(x0, x_gen, t), f_real, m.target(x0, x_real, t),
+                                         cfg.alpha, cfg.beta), m.weight(t))
         return self._update(loss, self.opt_fake, self.sched_fake, self.fake)
 
     def generator_step(self, y=None, shape=None, device=None):
@@ -154,8 +154,8 @@ class StraightforwardRealUID(RealUID):
         x_t = m.path(x0, x_gen, t)
         # eq. 17; the backward pass also fills the teacher's and the fake model's unused .grad
         f_star = self.teacher(t, x_t, y)
-        loss = weighted_mean(realuid_generator_loss(f_star, self.fake(t, x_t, y), m.target(x0, x_gen, t), cfg.alpha,
-                                                 cfg.beta), m.generator_weight(t, x_t, x_gen, f_star))
+        loss = weighted_mean(realuid_generator_loss(f_star, self.fake(t, x_t, y), m.target(x0, x_gen, t),
+                                                    cfg.alpha, cfg.beta), m.generator_weight(t, x_t, x_gen, f_star))
         return self._update(loss, self.opt_gen, self.sched_gen, self.generator, emas=True)
 
     def update_emas(self):

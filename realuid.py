@@ -947,10 +947,10 @@ class RealUID:
                 fs_gen, fs_real = self._run(self.teacher, tt, xt, yy).chunk(2)
             if cfg.normalized:
                 loss = -weighted_mean(normalized_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real,
-                                                           cfg.alpha, cfg.beta), m.weight(t))
+                                                              cfg.alpha, cfg.beta), m.weight(t))
             else:
                 loss = -weighted_mean(general_realuid_loss(fs_gen, f_gen, u_gen, fs_real, f_real, u_real, cfg.alpha,
-                                                        cfg.beta, cfg.gamma, cfg.parameterization), m.weight(t))
+                                                           cfg.beta, cfg.gamma, cfg.parameterization), m.weight(t))
         if cfg.gan:  # the discriminator: generated against real x_t, in one pass
             logits_gen, logits_real = self._gan_logits(torch.cat([x0, x0]), torch.cat([x_gen, x_real]),
                                                        None if y is None else torch.cat([y, y])).chunk(2)
