@@ -1,6 +1,7 @@
 """What keeps a days-long run alive but is not the method: realuid.py, teacher.py and eval.py use it.
 
-Errors, flags and their validation (teacher.py's flags and recipes too, and the network a kind of data gets),
+Errors, flags and their validation (the recipes of realuid.py and teacher.py too, and the network a kind of data
+gets),
 devices and precision, torchrun ranks, the non-finite guard, checkpoints (atomic
 saves, weights-only reads, safetensors), the supervisor of a training loop (progress bar, metrics log, saves,
 signals), data loading, sample grids, and the scores that model selection needs during a run (W2, the Frechet
@@ -397,7 +398,7 @@ DISTILL_RECIPES = dict(
     lowdim_pairs=dict(regress=0),  # on top of lowdim, for si and bridge: their noise is the source's
     digits=dict(lr=1e-5, batch_size=64, steps=1200, warmup=0, ema=(0.95, 0.99, 0.995), ema_rampup=0.05,
                 log_every=50, save_every=600, sample_every=300, fid_samples=2000, regress=8 / 3, regress_pairs=6400),
-    digits_pairs=dict(ema_rampup=0.0, lr=3e-4, warmup=100, regress=0),  # the paired digits (runtime.DEGRADATIONS)
+    digits_pairs=dict(ema_rampup=0.0, lr=3e-4, warmup=100, regress=0),  # the paired digits (DEGRADATIONS)
     image={})
 
 FINETUNE_RECIPE = dict(lr=1e-5, warmup=0, regress=0)  # App. D.2
