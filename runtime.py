@@ -1,9 +1,8 @@
 """What keeps a days-long run alive but is not the method: realuid.py, teacher.py and eval.py use it.
 
 Errors, flags and their validation (the recipes of realuid.py and teacher.py too, and the network a kind of data
-gets),
-devices and precision, torchrun ranks, the non-finite guard, checkpoints (atomic
-saves, weights-only reads, safetensors), the supervisor of a training loop (progress bar, metrics log, saves,
+gets), devices and precision, torchrun ranks, the non-finite guard, checkpoints (atomic saves, weights-only reads,
+safetensors), the supervisor of a training loop (progress bar, metrics log, saves,
 signals), data loading, sample grids, and the scores that model selection needs during a run (W2, the Frechet
 distance, feature networks, the closing table). It imports nothing of this project: the method lives in
 realuid.py, and reaches this module only through the hooks realuid.py declares.
