@@ -401,8 +401,7 @@ class FlowMatching(MatchingModel):
             raise ValueError(f"--sigma-init must be a positive noise level (got {sigma_init})")
         if high and sigma_init is None:
             raise ValueError("--high-noise needs the generator at a noise level (--sigma-init)")
-        self.sigma_init = sigma_init
-        self.t_g = 0.0 if sigma_init is None else self.t_of_sigma(sigma_init)
+        self.sigma_init, self.t_g = sigma_init, 0.0 if sigma_init is None else self.t_of_sigma(sigma_init)
         top_band(self, high)
 
     def spec(self):
@@ -851,12 +850,14 @@ def fused_adam(device):  # Adam as one kernel over all parameters: 5x the per-te
     return device.type in ("cpu", "cuda")
 
 
-def warmup_schedule(warmup, total=0):
+def warmup_schedule(warmup, total=0, start=0):
     """The lr factor at a network's update `step`: a linear warm-up, then constant, or with total > 0 a cosine
-    from 1 down to 0 at update `total` (the min-max then settles instead of circling: docs/matching-models.md)."""
+    from 1 at update `start` down to 0 at update `total` (the min-max then settles instead of circling; the lr
+    constant before `start`: warm-up-stable-decay, the VP (eps) digits teacher's: docs/matching-models.md)."""
     def factor(step):
         ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        return ramp * (0.5 + 0.5 * math.cos(math.pi * min(step, total) / total) if total > 0 else 1.0)
+        done = min(max(step - start, 0), total - start)  # the cosine's updates so far
+        return ramp * (0.5 + 0.5 * math.cos(math.pi * done / (total - start)) if total > 0 else 1.0)
     return factor
 
 
@@ -889,10 +890,8 @@ class RealUID:
                  apply=clip_and_step):
         check_coefficients(cfg.alpha, cfg.beta, cfg.gamma)
         self.cfg, self.matching, self.bf16, self.draw, self.apply = cfg, matching or FlowMatching(), bf16, draw, apply
-        self.name = variant(cfg)
-        self.device = next(fake.parameters()).device
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.fake = fake.train()
+        self.name, self.device = variant(cfg), next(fake.parameters()).device
+        self.teacher, self.fake = teacher.eval().requires_grad_(False), fake.train()
         self.generator = OneStepGenerator(g, self.matching).train()
         self.ema = {d: copy.deepcopy(g).eval().requires_grad_(False) for d in cfg.ema}
         # beta1 = 0 is crucial for the min-max (App. D); the fused kernel is Adam's arithmetic in one pass
@@ -1100,8 +1099,9 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
     net = build_field(spec).to(device).train()
     ema = {d: copy.deepcopy(net).eval().requires_grad_(False) for d in cfg.ema}
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=fused_adam(device))
-    cosine_to = cfg.steps if cfg.lr_decay == "cosine" else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_schedule(cfg.warmup, cosine_to))
+    cosine_to = cfg.steps if cfg.lr_decay == "cosine" else 0  # over the last --decay-steps updates when given
+    sched = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_schedule(
+        cfg.warmup, cosine_to, cosine_to - min(cfg.decay_steps or cosine_to, cosine_to)))
     m = matching_model(matching_spec(cfg, data.recipe))
     if m.coupled != data.coupled:
         raise UsageError(f"--model {cfg.model} {'needs' if m.coupled else 'cannot use'} data-to-data pairs "

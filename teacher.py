@@ -24,11 +24,11 @@ from runtime import (DATA_FLAGS, Diverged, Stopped, TeacherConfig, UsageError, c
                      teacher_recipes)
 
 
-RESUMABLE = ("steps", "out", "device", "precision", "workers", "log_every", "save_every", "skip_nonfinite",
-             "sample_steps", "resume")
+RESUMABLE = ("steps", "lr_decay", "decay_steps", "out", "device", "precision", "workers", "log_every", "save_every",
+             "skip_nonfinite", "sample_steps", "resume")  # a constant-lr teacher may be annealed on resume
 FLAG_GROUPS = (("the matching model", ("model", "param", "sigma", "source_noise")),
-               ("training (torchcfm's CIFAR-10 recipe)", ("lr", "batch_size", "steps", "warmup", "lr_decay", "ema",
-                                                          "grad_clip")),
+               ("training (torchcfm's CIFAR-10 recipe)", ("lr", "batch_size", "steps", "warmup", "lr_decay",
+                                                          "decay_steps", "ema", "grad_clip")),
                ("the network", ("channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                                 "num_head_channels", "dropout", "hidden", "fourier")),
                ("data", DATA_FLAGS))

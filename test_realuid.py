@@ -769,6 +769,9 @@ def test_ema_warmup_and_k_to_1_schedule(tmp_path):
     decay = R.warmup_schedule(5, 10)
     assert [decay(k) for k in (0, 4, 5, 10, 12)] == pytest.approx(
         [0.2 * (0.5 + 0.5 * math.cos(0)), 0.5 + 0.5 * math.cos(0.4 * math.pi), 0.5, 0.0, 0.0])
+    # a teacher's --decay-steps: constant after the warm-up up to update `start`, then the cosine to 0 at `total`
+    wsd = R.warmup_schedule(5, 20, 10)
+    assert [wsd(k) for k in (0, 9, 10, 15, 20, 25)] == pytest.approx([0.2, 1.0, 1.0, 0.5, 0.0, 0.0])
     cfg = RT.make_config(R.Config, dict(steps=60, K=5, warmup=5, lr_decay="cosine"))
     state = R.RealUID(cfg, *[R.MLPField(hidden=8) for _ in range(3)])
     assert state.sched_gen.lr_lambdas[0](10) == 0 and state.sched_fake.lr_lambdas[0](50) == 0
@@ -3634,6 +3637,16 @@ def test_teacher_resume_continues_exactly_and_refuses_changed_settings(cifar_roo
     a, b = (RT.load_checkpoint(str(tmp_path / name / "teacher.pt")) for name in ("one", "two"))
     for part, other in [(a["net"], b["net"])] + [(sd, b["ema"][d]) for d, sd in a["ema"].items()]:
         assert all(torch.equal(v, other[k]) for k, v in part.items())
+    # a constant-lr teacher annealed on resume (the last 5 of 12 updates on a cosine) is one run with that schedule
+    assert teacher_py.main(common + ["--steps", "12", "--lr-decay", "cosine", "--decay-steps", "5", "--out",
+                                     str(tmp_path / "wsd")]) == 0
+    assert teacher_py.main(common + ["--steps", "7", "--out", str(tmp_path / "annealed")]) == 0
+    assert teacher_py.main(["--resume", str(tmp_path / "annealed"), "--steps", "12", "--lr-decay", "cosine",
+                            "--decay-steps", "5"]) == 0
+    c, d = (RT.load_checkpoint(str(tmp_path / name / "teacher-state.pt")) for name in ("wsd", "annealed"))
+    assert all(torch.equal(v, d["net"][k]) for k, v in c["net"].items())
+    assert not all(torch.equal(v, b["net"][k]) for k, v in c["net"].items())  # the constant lr's net differs
+    assert c["optimiser"]["param_groups"][0]["lr"] == 0.0  # the cosine ends at 0 on the last update
     err = error_of(teacher_py.main, ["--resume", str(tmp_path / "two"), "--lr", "1"], capsys)
     assert "--resume continues the saved configuration" in err and "--lr" in err
     assert "would go back" in error_of(teacher_py.main, ["--resume", str(tmp_path / "two"), "--steps", "3"], capsys)
