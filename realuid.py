@@ -1101,7 +1101,7 @@ def train_teacher(cfg, data, device, path, ranks=None, state_path=None, resume=N
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=fused_adam(device))
     cosine_to = cfg.steps if cfg.lr_decay == "cosine" else 0  # over the last --decay-steps updates when given
     sched = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_schedule(
-        cfg.warmup, cosine_to, cosine_to - min(cfg.decay_steps or cosine_to, cosine_to)))
+        cfg.warmup, cosine_to, max(cosine_to - cfg.decay_steps, 0) if cfg.decay_steps else 0))
     m = matching_model(matching_spec(cfg, data.recipe))
     if m.coupled != data.coupled:
         raise UsageError(f"--model {cfg.model} {'needs' if m.coupled else 'cannot use'} data-to-data pairs "
