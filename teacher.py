@@ -39,7 +39,7 @@ def main(argv=None):
                                              "bridge matching, interpolants) for realuid.py.", "teacher.py",
                               FLAG_GROUPS)
     user = vars(p.parse_args(argv))
-    out, created, resume = None, None, None
+    given, out, created, resume = set(user), None, None, None
     try:
         if user.get("resume"):
             resume, user = resumed_run(user, RESUMABLE, "teacher-state", "teacher.py", "teacher-state.pt")
@@ -47,6 +47,8 @@ def main(argv=None):
         if resume is not None and resume["step"] > cfg.steps:
             raise UsageError(f"the saved teacher has made {resume['step']} updates already; --steps {cfg.steps} "
                              f"would go back")
+        if "decay_steps" in given and cfg.lr_decay != "cosine":  # else a constant lr that the user thinks anneals
+            raise UsageError("--decay-steps applies only with --lr-decay cosine")
         ranks, device, out, created = open_run(cfg, data)
     except UsageError as e:
         return failed("teacher.py", e, created)

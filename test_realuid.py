@@ -3653,6 +3653,11 @@ def test_teacher_resume_continues_exactly_and_refuses_changed_settings(cifar_roo
     err = error_of(teacher_py.main, ["--resume", str(tmp_path / "two"), "--lr", "1"], capsys)
     assert "--resume continues the saved configuration" in err and "--lr" in err
     assert "would go back" in error_of(teacher_py.main, ["--resume", str(tmp_path / "two"), "--steps", "3"], capsys)
+    for argv in (common + ["--steps", "12", "--decay-steps", "5", "--out", str(tmp_path / "flat")],
+                 ["--resume", str(tmp_path / "two"), "--steps", "12", "--decay-steps", "5"]):  # saved: constant lr
+        assert "--decay-steps applies only with --lr-decay cosine" in error_of(teacher_py.main, argv, capsys)
+    assert not (tmp_path / "flat").exists()
+    assert RT.load_checkpoint(str(tmp_path / "two" / "teacher-state.pt"))["step"] == 12
 
 
 @pytest.mark.slow
